@@ -1,0 +1,126 @@
+"""The one configuration of SVDQuant quantization, shared by numerics, passes and the backend."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+FORMATS = ("int4_2level", "int4")
+
+# Layers the reference engine keeps in 16-bit (REFERENCE.md section 1): embedders, the final
+# norm/projection, and cross-attention k/v projections (which only ever see the short text sequence).
+# Globs are matched with fnmatch against the module's qualified name inside the compiled model.
+DEFAULT_SKIP = (
+    "x_embedder",
+    "context_embedder",
+    "*time_text_embed.*",
+    "*time_embed*",
+    "*time_embedding.*",
+    "*add_embedding.*",
+    "*guidance_embed*",
+    "adaln_single.*",
+    "caption_projection.*",
+    "pos_embed.*",
+    "norm_out.*",
+    "proj_out",
+    "*.attn2.to_k",
+    "*.attn2.to_v",
+)
+
+
+@dataclass
+class SVDQuantConfig:
+    """How a linear layer is quantized with SVDQuant.
+
+    Args:
+        format: "int4_2level" (default) or "int4". Both store signed 4-bit weights and quantize
+            activations per token to signed 4-bit in groups of ``group_size`` channels.
+            "int4" is the paper's numerics: every group has its own float scale (absmax / 7).
+            "int4_2level" gives each group the scale ``row_scale * m`` with an integer ``m`` in
+            1..16, so a 4-bit value times its ``m`` fits int8 and the GEMM is a plain int8 dot with
+            one float rescale in the epilogue: the only form that beats bf16 on Hopper (no 4-bit
+            tensor cores; see benchmarks/RESULTS.md for speed and quality of both).
+        group_size: channels per quantization group along the input dimension.
+        rank: rank of the 16-bit low-rank branch that absorbs the weight outliers (0 disables it).
+        alpha: smoothing exponent on activation maxima. ``None`` grid-searches (alpha, beta) per layer
+            when calibration data exists and falls back to no smoothing (alpha = beta = 0) otherwise.
+        beta: smoothing exponent on weight maxima; ``None`` together with ``alpha=None`` means search.
+        refine_iters: extra rounds of ``L <- SVD_r(W - Q(W - L))``; the best round by error is kept.
+        skip: fnmatch globs of module names left in 16-bit.
+        calib_tokens: activation rows kept per layer during calibration for the smoothing search.
+        cache_dir: folder of the disk cache of quantized weights (``None``: ``$SVDQ_CACHE_DIR`` or
+            ``~/.cache/svdq_compile``; ``""`` disables the cache).
+        checkpoint: path of a file written by ``save_quantized``; layers are loaded from it instead of
+            being quantized.
+
+    Example:
+        >>> SVDQuantConfig(rank=16).rank
+        16
+    """
+
+    format: str = "int4_2level"
+    group_size: int = 64
+    rank: int = 32
+    alpha: float | None = None
+    beta: float | None = None
+    refine_iters: int = 0
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    calib_tokens: int = 256
+    cache_dir: str | None = None
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
+            raise ValueError(f"group_size must be an even integer >= 2, got {self.group_size!r}")
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"rank must be an integer >= 0, got {self.rank!r}")
+        if (self.alpha is None) != (self.beta is None):
+            raise ValueError("set both alpha and beta (fixed smoothing) or neither (search)")
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if not isinstance(self.refine_iters, int) or self.refine_iters < 0:
+            raise ValueError(f"refine_iters must be an integer >= 0, got {self.refine_iters!r}")
+        if isinstance(self.skip, str):
+            self.skip = (self.skip,)
+        self.skip = tuple(self.skip)
+        if not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
+            raise ValueError(f"calib_tokens must be an integer >= 1, got {self.calib_tokens!r}")
+
+    @property
+    def two_level(self) -> bool:
+        """True for the integer-multiplier group scales of "int4_2level"."""
+        return self.format == "int4_2level"
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "SVDQuantConfig":
+        """Build a config from ``torch.compile(..., options={...})``, naming valid keys on a typo.
+
+        Example:
+            >>> SVDQuantConfig.from_options({"rank": 64}).rank
+            64
+        """
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown svdquant option(s) {unknown}; valid options are {valid}")
+        return cls(**options)
+
+    def quantization_key(self) -> dict[str, Any]:
+        """The fields that change quantized weights (the disk-cache key uses these, not paths)."""
+        return {
+            "format": self.format,
+            "group_size": self.group_size,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "refine_iters": self.refine_iters,
+        }
+
+
+__all__ = ["SVDQuantConfig", "DEFAULT_SKIP", "FORMATS"]

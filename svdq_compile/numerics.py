@@ -1,0 +1,265 @@
+"""SVDQuant numerics in plain PyTorch: the oracle every kernel, pass and test agrees with.
+
+Weight side (offline): smoothing factors, a low-rank split of the smoothed weight, per-group
+symmetric int4 quantization of the residual, packing. Activation side (run time): per-token
+per-group int4 quantization. ``w4a4_linear_reference`` computes exactly what the fused kernels
+compute: the same rounding (half to even), the same scale handling, exact integer dots and fp32
+accumulation. See REFERENCE.md section 1 for the maths.
+
+Two scale formats (``SVDQuantConfig.format``):
+
+* "int4": one float scale per group, ``absmax / 7``.
+* "int4_2level": a float row scale ``s1 = rowmax / 112`` and per group an integer
+  ``m = ceil(absmax / (7 * s1))`` in 1..16; the group's scale is ``s1 * m``. The GEMM operand is the
+  int8 value ``q * m`` (in [-128, 112]), so a whole row is one int8 dot and one float rescale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+QMIN, QMAX = -8, 7
+MULT_MAX = 16  # largest two-level group multiplier: 8 * 16 = 128 still fits int8
+_ROW_DIVISOR = QMAX * MULT_MAX  # s1 = rowmax / 112 gives the largest group the multiplier 16
+
+
+def _groups(x: Tensor, group_size: int) -> Tensor:
+    k = x.shape[-1]
+    if k % group_size:
+        raise ValueError(f"the last dimension ({k}) must be a multiple of group_size ({group_size})")
+    return x.float().unflatten(-1, (k // group_size, group_size))
+
+
+def _round_clamp(x: Tensor) -> Tensor:
+    # torch.round rounds half to even, as the kernels do. A non-finite input gives q = 0: its scale
+    # is already NaN or Inf and carries the non-finite value to the output instead.
+    return torch.nan_to_num(torch.round(x).clamp_(QMIN, QMAX), nan=0.0)
+
+
+def quantize_int4_groups(x: Tensor, group_size: int = 64, scale_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Symmetric int4 with one float scale per group of the last dimension ("int4" format).
+
+    Returns ``q`` (int8 in [-8, 7], shape of x) and ``scale`` (``absmax / 7`` rounded to
+    ``scale_dtype``, shape ``[..., K / group_size]``). An all-zero group has scale 0 and q = 0.
+
+    Example:
+        >>> q, s = quantize_int4_groups(torch.tensor([[7.0, -3.5] + [0.0] * 62]))
+        >>> q[0, :2].tolist(), s.tolist()
+        ([7, -4], [[1.0]])
+    """
+    xg = _groups(x, group_size)
+    scale = (xg.abs().amax(-1) / QMAX).to(scale_dtype).float()
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = _round_clamp(xg / safe.unsqueeze(-1))
+    return q.to(torch.int8).flatten(-2), scale.to(scale_dtype)
+
+
+def quantize_int4_2level(x: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric int4 with two-level scales ("int4_2level" format), per row of the last dimension.
+
+    Returns ``q`` (int8 in [-8, 7]), ``mult`` (uint8 in 1..16, ``[..., K / group_size]``) and the
+    fp32 row scale ``s1`` (``[...]``); element k of a row is ``q * mult[k // group_size] * s1``.
+    An all-zero row has ``s1 = 0`` and q = 0.
+
+    Example:
+        >>> q, m, s1 = quantize_int4_2level(torch.tensor([[112.0] + [0.0] * 63 + [7.0] + [0.0] * 63]))
+        >>> s1.tolist(), m.tolist(), q[0, [0, 64]].tolist()
+        ([1.0], [[16, 1]], [7, 7])
+    """
+    xg = _groups(x, group_size)
+    gmax = xg.abs().amax(-1)
+    s1 = gmax.amax(-1) / _ROW_DIVISOR
+    s1_safe = torch.where(s1 == 0, torch.ones_like(s1), s1).unsqueeze(-1)
+    mult = torch.nan_to_num(torch.ceil(gmax / (s1_safe * QMAX)), nan=1.0).clamp_(1, MULT_MAX)
+    q = _round_clamp(xg / (s1_safe * mult).unsqueeze(-1))
+    return q.to(torch.int8).flatten(-2), mult.to(torch.uint8), s1
+
+
+def expand_2level(q: Tensor, mult: Tensor, group_size: int = 64) -> Tensor:
+    """The int8 GEMM operand ``q * mult`` of the two-level format (values in [-128, 112]).
+
+    Example:
+        >>> expand_2level(torch.full((1, 64), -8, dtype=torch.int8), torch.tensor([[16]], dtype=torch.uint8)).min().item()
+        -128
+    """
+    return (q.to(torch.int16) * mult.to(torch.int16).repeat_interleave(group_size, dim=-1)).to(torch.int8)
+
+
+def quantize_activations(x: Tensor, group_size: int, two_level: bool) -> tuple[Tensor, Tensor]:
+    """Run-time activation quantization, per token (row): the int8 GEMM operand and its scales.
+
+    Two-level: ``(q * mult, s1 [M])``. Float groups: ``(q, scale [M, K / group_size])`` in fp32.
+
+    Example:
+        >>> a, s = quantize_activations(torch.randn(3, 128), 64, two_level=True)
+        >>> a.dtype, tuple(s.shape)
+        (torch.int8, (3,))
+    """
+    if two_level:
+        q, mult, s1 = quantize_int4_2level(x, group_size)
+        return expand_2level(q, mult, group_size), s1
+    return quantize_int4_groups(x, group_size)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Pack int4 values (int8 in [-8, 7], even last dim) two per byte: element 2j in the low nibble.
+
+    Example:
+        >>> pack_int4(torch.tensor([[-1, 7]], dtype=torch.int8)).tolist()
+        [[127]]
+    """
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dimension, got {q.shape[-1]}")
+    nib = q.to(torch.int16) & 0xF
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of ``pack_int4``: exact, returns int8 in [-8, 7].
+
+    Example:
+        >>> unpack_int4(torch.tensor([[127]], dtype=torch.uint8)).tolist()
+        [[-1, 7]]
+    """
+    p = packed.to(torch.int16)
+    low = ((p & 0xF) ^ 8) - 8  # sign-extend a nibble
+    high = ((p >> 4) ^ 8) - 8
+    return torch.stack((low, high), dim=-1).flatten(-2).to(torch.int8)
+
+
+def smoothing_factors(act_absmax: Tensor | None, weight: Tensor, alpha: float, beta: float) -> Tensor:
+    """Per-input-channel smoothing ``lambda_j = max|X_j|^alpha / max|W_j|^beta`` (fp32, [K]).
+
+    The layer then computes ``(X / lambda) @ (W * lambda)^T``. Without activation statistics only
+    ``alpha = 0`` makes sense, and ``alpha = beta = 0`` is no smoothing (all ones).
+
+    Example:
+        >>> smoothing_factors(torch.tensor([4.0, 1.0]), torch.ones(3, 2), 0.5, 0.5).tolist()
+        [2.0, 1.0]
+    """
+    w_max = weight.detach().abs().amax(0).float().clamp_min(1e-5)
+    lam = w_max.pow(-beta)
+    if alpha:
+        if act_absmax is None:
+            raise ValueError("alpha > 0 needs activation statistics: calibrate first or set alpha=0")
+        lam = lam * act_absmax.float().to(lam.device).clamp_min(1e-5).pow(alpha)
+    return lam.clamp(1e-4, 1e4)
+
+
+def lowrank_svd(w: Tensor, rank: int, niter: int = 4, oversample: int = 16) -> tuple[Tensor, Tensor]:
+    """Top-``rank`` factors ``up [N, r] @ down [r, K]`` of ``w`` (fp32) by seeded subspace iteration.
+
+    A randomized SVD: deterministic (fixed seed), a few matmuls instead of a full SVD, so a 12B
+    model's layers decompose in seconds on a GPU and tests run on a CPU. float64 on CPU, fp32 on GPU.
+
+    Example:
+        >>> w = torch.randn(64, 1) @ torch.randn(1, 32)
+        >>> up, down = lowrank_svd(w, 1)
+        >>> bool(torch.allclose(up @ down, w, atol=1e-4))
+        True
+    """
+    n, k = w.shape
+    dtype = torch.float64 if w.device.type == "cpu" else torch.float32
+    if rank == 0:
+        return w.new_zeros(n, 0, dtype=torch.float32), w.new_zeros(0, k, dtype=torch.float32)
+    a = w.to(dtype)
+    width = min(rank + oversample, n, k)
+    gen = torch.Generator(device=w.device).manual_seed(0)
+    omega = torch.randn(k, width, generator=gen, device=w.device, dtype=dtype)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    r = min(rank, s.numel())
+    up = (basis @ u[:, :r]) * s[:r]
+    return up.float(), vh[:r].float()
+
+
+def dequantize_weight(q: Tensor, scales: Tensor, mult: Tensor | None, group_size: int) -> Tensor:
+    """Float weight of a quantized residual (fp32, [N, K]); ``mult`` is given for two-level scales.
+
+    Example:
+        >>> q, s = quantize_int4_groups(torch.full((1, 64), 2.0))
+        >>> dequantize_weight(q, s, None, 64).max().item()
+        2.0
+    """
+    if mult is None:
+        return (q.float().unflatten(-1, (-1, group_size)) * scales.float().unsqueeze(-1)).flatten(-2)
+    return expand_2level(q, mult, group_size).float() * scales.float().unsqueeze(-1)
+
+
+def quantize_weight(residual: Tensor, group_size: int, two_level: bool, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Quantize a residual weight [N, K]: ``(q int8, scales, mult or None)``.
+
+    Float group scales are kept in the model dtype (``scale_dtype``); two-level row scales in fp32.
+
+    Example:
+        >>> q, s, m = quantize_weight(torch.randn(8, 128), 64, True, torch.bfloat16)
+        >>> tuple(s.shape), tuple(m.shape)
+        ((8,), (8, 2))
+    """
+    if two_level:
+        q, mult, s1 = quantize_int4_2level(residual, group_size)
+        return q, s1, mult
+    q, scale = quantize_int4_groups(residual, group_size, scale_dtype)
+    return q, scale, None
+
+
+def w4a4_linear_reference(
+    x: Tensor,
+    weight_q: Tensor,
+    weight_scales: Tensor,
+    smooth_inv: Tensor,
+    lora_down: Tensor,
+    lora_up: Tensor,
+    bias: Tensor | None,
+    group_size: int,
+) -> Tensor:
+    """The W4A4 SVDQuant linear, exactly as the fused kernels compute it.
+
+    ``y = deq(Q(x * smooth_inv) . W_q) + (x @ lora_down^T) @ lora_up^T + bias``, returned in x's dtype.
+
+    Args:
+        x: [..., K] bf16, fp16 or fp32.
+        weight_q: [N, K] int8 GEMM operand: ``q * mult`` for two-level scales, ``q`` for float groups.
+        weight_scales: [N] fp32 row scales (two-level) or [N, K / group_size] float group scales.
+        smooth_inv: [K] fp32, ``1 / lambda``; the activations are quantized as ``x * smooth_inv``.
+        lora_down: [R, K] 16-bit, already divided by lambda so that it reads the raw x.
+        lora_up: [N, R] 16-bit.
+        bias: [N] or None.
+        group_size: activation (and float weight) group size along K.
+
+    The low-rank branch is ``lora_act = (x @ lora_down^T)`` accumulated in fp32 and stored in x's
+    dtype (as the fused kernel hands it from one kernel to the next), then ``lora_act @ lora_up^T``
+    in fp32. The quantized part is an exact integer dot (fp64 here holds every int32 sum exactly),
+    then ``acc * s_act * s_weight``. A token with NaN or Inf gives a non-finite output row.
+
+    Example:
+        >>> from svdq_compile.quantized_linear import QuantizedLinear
+        >>> ql = QuantizedLinear.from_linear(torch.nn.Linear(128, 32))
+        >>> ql(torch.randn(2, 5, 128)).shape
+        torch.Size([2, 5, 32])
+    """
+    k = x.shape[-1]
+    n = weight_q.shape[0]
+    x2 = x.reshape(-1, k)
+    lora_act = (x2.float() @ lora_down.float().T).to(x.dtype)
+    out = lora_act.float() @ lora_up.float().T
+    xs = x2.float() * smooth_inv.float()
+    two_level = weight_scales.dim() == 1
+    a_q, a_scale = quantize_activations(xs, group_size, two_level)
+    if two_level:
+        acc = (a_q.double() @ weight_q.double().T).float()
+        out += acc * a_scale.unsqueeze(1) * weight_scales.float().unsqueeze(0)
+    else:
+        w_g = weight_q.float().unflatten(-1, (-1, group_size))
+        w_scale = weight_scales.float()
+        for start in range(0, x2.shape[0], 256):  # bounds the [rows, N, groups] intermediate
+            rows = slice(start, start + 256)
+            a_g = a_q[rows].float().unflatten(-1, (-1, group_size))
+            acc = torch.einsum("mgk,ngk->mng", a_g, w_g)  # per-group integer dots, exact in fp32
+            out[rows] += (acc * a_scale[rows].unsqueeze(1) * w_scale.unsqueeze(0)).sum(-1)
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)

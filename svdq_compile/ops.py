@@ -1,0 +1,103 @@
+"""The W4A4 SVDQuant linear as a torch custom op (``torch.ops.svdq.w4a4_linear``).
+
+The op is opaque to Inductor (a fusion barrier) and traceable by Dynamo through its fake
+implementation. Low-rank factors are ordinary tensor arguments, so LoRA factors can be appended or
+swapped at run time without recompiling. Every device runs ``numerics.w4a4_linear_reference``
+unless a faster implementation is registered for it below.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .numerics import w4a4_linear_reference
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_w4a4_args(
+    x: Tensor,
+    weight_q: Tensor,
+    weight_scales: Tensor,
+    smooth_inv: Tensor,
+    lora_down: Tensor,
+    lora_up: Tensor,
+    bias: Tensor | None,
+    group_size: int,
+) -> None:
+    """Raise a ValueError that says what to change when the op's arguments do not fit together.
+
+    Example:
+        >>> check_w4a4_args(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8),
+        ...                 torch.ones(64), torch.zeros(0, 64), torch.zeros(8, 0), None, 64)
+    """
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"w4a4_linear: x must be bfloat16, float16 or float32, got {x.dtype}; cast the input first")
+    if x.dim() < 1:
+        raise ValueError("w4a4_linear: x must have at least one dimension (the K features)")
+    if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
+        raise ValueError(f"w4a4_linear: weight_q must be a 2-D int8 tensor [N, K], got {weight_q.dtype} {tuple(weight_q.shape)}")
+    n, k = weight_q.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"w4a4_linear: x has {x.shape[-1]} features but the weight expects {k}; pass x of shape [..., {k}]")
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"w4a4_linear: K = {k} must be a multiple of group_size = {group_size}; keep this layer in 16-bit")
+    if weight_scales.shape not in ((n,), (n, k // group_size)):
+        raise ValueError(f"w4a4_linear: weight_scales must be [{n}] (two-level) or [{n}, {k // group_size}] (group scales), got {tuple(weight_scales.shape)}")
+    if smooth_inv.shape != (k,):
+        raise ValueError(f"w4a4_linear: smooth_inv must be [{k}], got {tuple(smooth_inv.shape)}")
+    rank = lora_down.shape[0]
+    if lora_down.dim() != 2 or lora_down.shape[1] != k or lora_up.dim() != 2 or lora_up.shape != (n, rank):
+        raise ValueError(f"w4a4_linear: lora_down must be [R, {k}] and lora_up [{n}, R], got {tuple(lora_down.shape)} and {tuple(lora_up.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"w4a4_linear: bias must be [{n}], got {tuple(bias.shape)}")
+    devices = {t.device for t in (x, weight_q, weight_scales, smooth_inv, lora_down, lora_up) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"w4a4_linear: all tensors must be on one device, got {sorted(map(str, devices))}; move the model with .to(device)")
+
+
+@torch.library.custom_op("svdq::w4a4_linear", mutates_args=())
+def _w4a4_linear_op(
+    x: Tensor,
+    weight_q: Tensor,
+    weight_scales: Tensor,
+    smooth_inv: Tensor,
+    lora_down: Tensor,
+    lora_up: Tensor,
+    bias: Tensor | None,
+    group_size: int,
+) -> Tensor:
+    check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
+    return w4a4_linear_reference(x.contiguous(), weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
+
+
+@_w4a4_linear_op.register_fake
+def _w4a4_linear_fake(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size):
+    check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+def w4a4_linear(
+    x: Tensor,
+    weight_q: Tensor,
+    weight_scales: Tensor,
+    smooth_inv: Tensor,
+    lora_down: Tensor,
+    lora_up: Tensor,
+    bias: Tensor | None = None,
+    group_size: int = 64,
+) -> Tensor:
+    """W4A4 SVDQuant linear ``[..., K] -> [..., N]`` in x's dtype (see ``w4a4_linear_reference``).
+
+    Any leading dims; a non-contiguous x is copied to contiguous memory first. A token containing
+    NaN or Inf gives a non-finite output row; other rows are unaffected. Arguments that do not fit
+    raise a ValueError naming what to change.
+
+    Example:
+        >>> from svdq_compile.quantized_linear import QuantizedLinear
+        >>> ql = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), None)
+        >>> w4a4_linear(torch.randn(3, 64), ql.weight_operand(), ql.scales, ql.smooth_inv, ql.lora_down, ql.lora_up).shape
+        torch.Size([3, 8])
+    """
+    return torch.ops.svdq.w4a4_linear(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
