@@ -1,0 +1,192 @@
+"""Activation side of the W4A4 linear in one kernel: smoothing, per-token int4 quantization and the
+low-rank down projection, reading each token tile of ``x`` once from DRAM.
+
+``quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level)`` returns
+
+* ``act_q`` int8 [M, K]: the GEMM operand, ``q * mult`` (two-level) or ``q`` (float group scales);
+* ``act_scales``: fp32 [M] row scales ``s1`` (two-level) or fp32 [M, K / group_size] group scales;
+* ``lora_act`` [M, R] in x's dtype: ``x @ lora_down^T`` accumulated in fp32, then cast.
+
+Bit-for-bit the integers of ``numerics.quantize_activations`` (same fp32 operations, divisions
+correctly rounded, round half to even). The two-level format needs the row maximum before any group
+can be quantized, so each program makes two sweeps over its rows: the first (row max and the
+low-rank dot) reads DRAM, the second re-reads the same rows shortly after, mostly from L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..numerics import MULT_MAX, QMAX, QMIN, quantize_activations
+
+@triton.jit
+def _max_propagate_nan(a, b):
+    # torch's amax propagates NaN; a NaN token must give a NaN scale, not a finite one.
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _round_clamp(v):
+    """round half to even, clamp to [QMIN, QMAX], NaN -> 0 (as numerics._round_clamp)."""
+    v = tl.where(v != v, 0.0, v)
+    v = tl.minimum(tl.maximum(v, -9.0), 9.0)  # clamping first keeps the magic-number rounding exact
+    v = (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds |v| < 2**22 half to even in fp32
+    return tl.minimum(tl.maximum(v, -8.0), 7.0)
+
+
+@triton.jit
+def _quantize_act_lowrank_down_kernel(
+    x_ptr, smooth_ptr, down_ptr, q_ptr, scale_ptr, lora_ptr,
+    M, K, R,
+    GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, HAS_LORA: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    NUM_GROUPS: tl.constexpr = BLOCK_K // GROUP
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)[:, None] * K
+    lora_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    row_max = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    num_groups_k = K // GROUP
+
+    # Sweep 1: the low-rank dot on the raw x, and (two-level) the row max of the smoothed x.
+    # The float-group format quantizes in this same sweep: its scales are local to a group.
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        mask = mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask, other=0.0)
+        if HAS_LORA:
+            down = tl.load(down_ptr + offs_r[:, None] * K + offs_k[None, :], mask=(offs_r[:, None] < R) & mask_k[None, :], other=0.0)
+            lora_acc = tl.dot(x.to(DOT_DTYPE), tl.trans(down.to(DOT_DTYPE)), lora_acc, input_precision=DOT_PRECISION)
+        xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+        if TWO_LEVEL:
+            row_max = _max_propagate_nan(row_max, tl.reduce(tl.abs(xs), 1, _max_propagate_nan))
+        else:
+            xg = tl.reshape(xs, (BLOCK_M, NUM_GROUPS, GROUP))
+            scale = tl.math.div_rn(tl.reduce(tl.abs(xg), 2, _max_propagate_nan), 7.0)
+            safe = tl.where(scale == 0.0, 1.0, scale)
+            q = _round_clamp(tl.math.div_rn(xg, safe[:, :, None]))
+            tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)).to(tl.int8), mask=mask)
+            offs_g = k0 // GROUP + tl.arange(0, NUM_GROUPS)
+            tl.store(scale_ptr + offs_m.to(tl.int64)[:, None] * num_groups_k + offs_g[None, :], scale,
+                     mask=mask_m[:, None] & (offs_g[None, :] < num_groups_k))
+
+    if TWO_LEVEL:
+        s1 = tl.math.div_rn(row_max, 112.0)  # QMAX * MULT_MAX
+        tl.store(scale_ptr + offs_m, s1, mask=mask_m)
+        s1_safe = tl.where(s1 == 0.0, 1.0, s1)
+        mult_divisor = (s1_safe * 7.0)[:, None]
+        # Sweep 2: quantize. The rows were read moments ago by this program: mostly L2 hits.
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_m[:, None] & (offs_k[None, :] < K)
+            x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask, other=0.0)
+            xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=0.0)[None, :]
+            xg = tl.reshape(xs, (BLOCK_M, NUM_GROUPS, GROUP))
+            group_max = tl.reduce(tl.abs(xg), 2, _max_propagate_nan)
+            mult = tl.ceil(tl.math.div_rn(group_max, mult_divisor))
+            mult = tl.minimum(tl.maximum(tl.where(mult != mult, 1.0, mult), 1.0), 16.0)
+            q = _round_clamp(tl.math.div_rn(xg, (s1_safe[:, None] * mult)[:, :, None]))
+            tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q * mult[:, :, None], (BLOCK_M, BLOCK_K)).to(tl.int8), mask=mask)
+
+    if HAS_LORA:
+        lora_ptrs = lora_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+        tl.store(lora_ptrs, lora_acc.to(lora_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < R))
+
+
+_MAX_FUSED_RANK = 256
+_TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _check_args(x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int) -> None:
+    if x2d.dim() != 2 or x2d.dtype not in _TORCH_TO_TL:
+        raise ValueError(f"quantize_act_lowrank_down: x2d must be a 2-D bf16/fp16/fp32 tensor, got {x2d.dtype} {tuple(x2d.shape)}")
+    k = x2d.shape[1]
+    if group_size not in (16, 32, 64, 128, 256):
+        raise ValueError(f"quantize_act_lowrank_down: group_size must be a power of two in 16..256, got {group_size}; use the reference op")
+    if k % group_size:
+        raise ValueError(f"quantize_act_lowrank_down: K = {k} must be a multiple of group_size = {group_size}")
+    if smooth_inv.shape != (k,):
+        raise ValueError(f"quantize_act_lowrank_down: smooth_inv must be [{k}], got {tuple(smooth_inv.shape)}")
+    if lora_down.dim() != 2 or lora_down.shape[1] != k or lora_down.dtype not in _TORCH_TO_TL:
+        raise ValueError(f"quantize_act_lowrank_down: lora_down must be a float [R, {k}], got {lora_down.dtype} {tuple(lora_down.shape)}")
+
+
+def quantize_act_lowrank_down(
+    x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int, two_level: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize ``x2d * smooth_inv`` per token and compute ``x2d @ lora_down^T`` in one kernel.
+
+    Args:
+        x2d: [M, K] bf16, fp16 or fp32 (copied to contiguous memory if it is not).
+        smooth_inv: [K] fp32.
+        lora_down: [R, K], any R (0 allowed; ranks past 256 go through a separate fp32 matmul);
+            any float dtype (a dtype other than x's is multiplied in fp32).
+        group_size: power of two in 16..256 dividing K.
+        two_level: the "int4_2level" format (else "int4" float group scales).
+
+    Returns:
+        ``(act_q int8 [M, K], act_scales fp32 [M] or [M, K / group_size], lora_act [M, R] x.dtype)``.
+
+    Example:
+        >>> x = torch.randn(5, 128)
+        >>> q, s, la = quantize_act_lowrank_down(x, torch.ones(128), torch.randn(16, 128), 64, True)
+        >>> q.dtype, tuple(s.shape), tuple(la.shape)
+        (torch.int8, (5,), (5, 16))
+    """
+    _check_args(x2d, smooth_inv, lora_down, group_size)
+    x2d = x2d.contiguous()
+    m, k = x2d.shape
+    if lora_down.shape[0] > _MAX_FUSED_RANK:
+        # Ranks past 256 (many appended LoRAs) would not fit the kernel's registers: one more fp32 matmul.
+        act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down[:_MAX_FUSED_RANK], group_size, two_level)
+        extra = (x2d.float() @ lora_down[_MAX_FUSED_RANK:].float().T).to(x2d.dtype)
+        return act_q, act_scales, torch.cat((lora_act, extra), dim=1)
+    rank = lora_down.shape[0]
+    act_q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
+    act_scales = torch.empty((m,) if two_level else (m, k // group_size), dtype=torch.float32, device=x2d.device)
+    lora_act = torch.empty((m, rank), dtype=x2d.dtype, device=x2d.device)
+    if m == 0:
+        return act_q, act_scales, lora_act
+    # 16-bit products are exact in fp32, so an fp32 dot computes the same sums; it is used for mixed
+    # dtypes and under the CPU interpreter, whose bf16 dot is wrong (Triton 3.9 reads raw bits).
+    dot_dtype = x2d.dtype if lora_down.dtype == x2d.dtype and x2d.is_cuda else torch.float32
+    block_r = max(16, triton.next_power_of_2(rank))
+    # The [BLOCK_R, BLOCK_K] tile of lora_down is the largest operand: keep it near 32 KB.
+    block_k = max(group_size, min(256, 16384 // block_r))
+    block_m = 32
+    _quantize_act_lowrank_down_kernel[(triton.cdiv(m, block_m),)](
+        x2d, smooth_inv.float().contiguous(), lora_down.contiguous(), act_q, act_scales, lora_act,
+        m, k, rank,
+        GROUP=group_size, TWO_LEVEL=two_level, HAS_LORA=rank > 0,
+        DOT_DTYPE=_TORCH_TO_TL[dot_dtype], DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+        num_warps=4, num_stages=3,
+    )
+    return act_q, act_scales, lora_act
+
+
+def quantize_act_lowrank_down_reference(
+    x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int, two_level: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``quantize_act_lowrank_down`` computes, in plain PyTorch (``numerics.quantize_activations``).
+
+    Example:
+        >>> x = torch.randn(5, 128)
+        >>> q, s, la = quantize_act_lowrank_down_reference(x, torch.ones(128), torch.randn(16, 128), 64, False)
+        >>> tuple(s.shape), la.dtype
+        ((5, 2), torch.float32)
+    """
+    act_q, act_scales = quantize_activations(x2d.float() * smooth_inv.float(), group_size, two_level)
+    lora_act = (x2d.float() @ lora_down.float().T).to(x2d.dtype)
+    return act_q, act_scales.float(), lora_act
+
+
+assert (QMIN, QMAX, MULT_MAX) == (-8, 7, 16), "the kernel hard-codes the int4 range and the two-level divisor 112"

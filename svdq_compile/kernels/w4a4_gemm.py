@@ -1,0 +1,333 @@
+"""The W4A4 GEMM with the low-rank up projection, the bias and the output cast fused in its epilogue.
+
+``w4a4_gemm(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, out_dtype)``:
+
+* two-level scales (``act_scales`` [M], ``weight_scales`` [N]): one plain int8 tensor-core dot over
+  all of K with int32 accumulation, then ``float(acc) * s_act[m] * s_w[n]`` in the epilogue;
+* float group scales (``act_scales`` [M, K/G], ``weight_scales`` [N, K/G]): one int8 dot per group,
+  rescaled and summed in fp32 in the K loop (exact per-group integer dots, slower);
+* then ``+= lora_act @ lora_up^T`` (fp32 accumulation, the rank looped in chunks, so ranks up to 256
+  cost one extra small dot per chunk), ``+= bias``, cast to ``out_dtype``.
+
+Small M is memory-bound on the weight: those configs use small M tiles, more programs along N and,
+for the two-level format, split-K. Split-K partial sums are int32 and added with integer atomics
+into a self-cleaning workspace (exact, so the result does not depend on the order); the last
+program of a tile (a per-tile counter) reads the sum back, zeroing the workspace as it goes, and
+runs the epilogue. The best config per (format, M bucket, N, K, rank chunks, dtype) is measured on
+the first call and cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _w4a4_gemm_kernel(
+    a_ptr, sa_ptr, w_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
+    M, N, K, R,
+    TWO_LEVEL: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+    LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # Tiles in groups of GROUP_M rows of tiles, so that consecutive programs share weight tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_in_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_in_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_in_group) % group_rows
+    pid_n = (pid % pids_in_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past M / N load a valid row instead (never stored): the K loop needs no row masks.
+    rows_a = (offs_m % M).to(tl.int64)
+    rows_w = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_tile_start = tl.program_id(1) * tiles_per_split
+    k_tile_end = min(k_tile_start + tiles_per_split, k_tiles)
+    a_ptrs = a_ptr + rows_a[:, None] * K + (k_tile_start * BLOCK_K + offs_k)[None, :]
+    w_ptrs = w_ptr + rows_w[:, None] * K + (k_tile_start * BLOCK_K + offs_k)[None, :]
+
+    if TWO_LEVEL:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kt in range(k_tile_start, k_tile_end):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_ok = (kt * BLOCK_K + offs_k) < K
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+            acc = tl.dot(a, tl.trans(w), acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if SPLIT_K == 1:
+            out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
+            _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
+                      HAS_BIAS, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
+        else:
+            tile_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tile_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            tl.atomic_add(ws_ptr + tile_offs, acc, mask=tile_mask, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial sums are issued before the counter moves
+            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:  # the last split of this tile finishes it
+                tl.debug_barrier()
+                acc = tl.atomic_xchg(ws_ptr + tile_offs, tl.zeros_like(acc), mask=tile_mask, sem="relaxed")
+                tl.atomic_xchg(count_ptr + pid, 0)  # leave the workspace clean for the next launch
+                out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
+                _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
+                          HAS_BIAS, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
+    else:
+        # Float group scales: BLOCK_K == GROUP, one exact int32 dot per group, rescaled in fp32.
+        num_groups = K // GROUP
+        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(0, num_groups):
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+            dot = tl.dot(a, tl.trans(w)).to(tl.float32)
+            sa = tl.load(sa_ptr + rows_a * num_groups + g)
+            sw = tl.load(sw_ptr + rows_w * num_groups + g).to(tl.float32)
+            out += dot * sa[:, None] * sw[None, :]
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
+                  HAS_BIAS, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
+
+
+@triton.jit
+def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
+              HAS_BIAS: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out += lora_act @ lora_up^T (rank in chunks of BLOCK_R) + bias; store as out's dtype."""
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = (r0 + offs_r) < R
+        la = tl.load(la_ptr + rows_a[:, None] * R + (r0 + offs_r)[None, :], mask=r_ok[None, :], other=0.0)
+        lu = tl.load(lu_ptr + rows_w[:, None] * R + (r0 + offs_r)[None, :], mask=r_ok[None, :], other=0.0)
+        out = tl.dot(la.to(LORA_DTYPE), tl.trans(lu.to(LORA_DTYPE)), out, input_precision=LORA_PRECISION)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows_w).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """One tile configuration of ``w4a4_gemm`` (split_k > 1 only for two-level scales).
+
+    Example:
+        >>> GemmConfig(128, 256, 128, 1, 8, 3).block_n
+        256
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def _candidate_configs(m: int, two_level: bool, group_size: int) -> list[GemmConfig]:
+    if not two_level:
+        g = group_size
+        if m <= 64:
+            return [GemmConfig(16, 64, g, 1, 4, 4), GemmConfig(64, 64, g, 1, 4, 4), GemmConfig(64, 128, g, 1, 4, 4)]
+        if m <= 256:
+            return [GemmConfig(64, 128, g, 1, 4, 4), GemmConfig(128, 128, g, 1, 8, 4), GemmConfig(64, 64, g, 1, 4, 4)]
+        return [GemmConfig(128, 128, g, 1, 8, 4), GemmConfig(128, 256, g, 1, 8, 4), GemmConfig(128, 128, g, 1, 4, 4)]
+    if m <= 16:
+        return [GemmConfig(16, bn, 256, s, 4, 4) for bn in (32, 64) for s in (1, 2, 4, 8)]
+    if m <= 64:
+        return [GemmConfig(64, bn, 128, s, 4, 4) for bn in (64, 128) for s in (1, 2, 4)]
+    if m <= 256:
+        return [GemmConfig(bm, 128, 128, s, 4 if bm == 64 else 8, 4) for bm in (64, 128) for s in (1, 2, 4)] + [GemmConfig(128, 256, 128, 1, 8, 3)]
+    return [
+        GemmConfig(128, 256, 128, 1, 8, 3),
+        GemmConfig(128, 256, 128, 1, 8, 4),
+        GemmConfig(256, 128, 128, 1, 8, 3),
+        GemmConfig(128, 128, 128, 1, 8, 4),
+        GemmConfig(128, 128, 128, 1, 4, 4),
+    ]
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 16)), 4096)
+
+
+_workspaces: dict[torch.device, tuple[Tensor, Tensor]] = {}
+_tuned: dict[tuple, GemmConfig] = {}
+
+
+def _split_k_workspace(device: torch.device, elems: int, tiles: int) -> tuple[Tensor, Tensor]:
+    """Zeroed int32 partial sums and per-tile counters; every launch leaves them zeroed again."""
+    ws, counts = _workspaces.get(device, (None, None))
+    if ws is None or ws.numel() < elems or counts.numel() < tiles:
+        ws = torch.zeros(max(elems, 0 if ws is None else ws.numel()), dtype=torch.int32, device=device)
+        counts = torch.zeros(max(tiles, 0 if counts is None else counts.numel()), dtype=torch.int32, device=device)
+        _workspaces[device] = (ws, counts)
+    return ws, counts
+
+
+def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scales: Tensor, lora_act: Tensor, lora_up: Tensor, bias: Tensor | None) -> int:
+    """Validate shapes; return the group size (0 for two-level scales)."""
+    if act_q.dtype != torch.int8 or weight_q.dtype != torch.int8 or act_q.dim() != 2 or weight_q.dim() != 2:
+        raise ValueError(f"w4a4_gemm: act_q [M, K] and weight_q [N, K] must be 2-D int8, got {act_q.dtype} {tuple(act_q.shape)} and {weight_q.dtype} {tuple(weight_q.shape)}")
+    (m, k), (n, k_w) = act_q.shape, weight_q.shape
+    if k != k_w:
+        raise ValueError(f"w4a4_gemm: act_q has K = {k} but weight_q has K = {k_w}")
+    if act_scales.shape == (m,) and weight_scales.shape == (n,):
+        group = 0
+    elif act_scales.dim() == 2 and act_scales.shape[0] == m and weight_scales.shape == (n, act_scales.shape[1]) and act_scales.shape[1] and k % act_scales.shape[1] == 0:
+        group = k // act_scales.shape[1]
+        if group not in (16, 32, 64, 128, 256):
+            raise ValueError(f"w4a4_gemm: group size {group} is not a power of two in 16..256; use the reference op")
+    else:
+        raise ValueError(f"w4a4_gemm: scales must be [M]+[N] (two-level) or [M, K/G]+[N, K/G] (groups), got {tuple(act_scales.shape)} and {tuple(weight_scales.shape)}")
+    rank = lora_act.shape[1] if lora_act.dim() == 2 else -1
+    if lora_act.shape != (m, rank) or lora_up.shape != (n, rank) or lora_act.dtype not in _TORCH_TO_TL or lora_up.dtype not in _TORCH_TO_TL:
+        raise ValueError(f"w4a4_gemm: lora_act must be float [{m}, R] and lora_up float [{n}, R], got {tuple(lora_act.shape)} and {tuple(lora_up.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"w4a4_gemm: bias must be [{n}], got {tuple(bias.shape)}")
+    return group
+
+
+def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, lora_dtype: torch.dtype, cfg: GemmConfig) -> None:
+    two_level = group == 0
+    split_k = cfg.split_k if two_level else 1
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    ws, counts = _split_k_workspace(args[0].device, m * n, tiles) if split_k > 1 else (args[0], args[0])
+    block_k = cfg.block_k if two_level else group
+    _w4a4_gemm_kernel[(tiles, split_k)](
+        *args, ws, counts, m, n, k, rank,
+        TWO_LEVEL=two_level, HAS_BIAS=has_bias, GROUP=max(group, 1),
+        LORA_DTYPE=_TORCH_TO_TL[lora_dtype], LORA_PRECISION="ieee" if lora_dtype == torch.float32 else "tf32",
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=16 if rank <= 16 else (32 if rank <= 32 else 64),
+        GROUP_M=cfg.group_m, SPLIT_K=split_k, EVEN_K=k % (block_k * split_k) == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, lora_dtype: torch.dtype) -> GemmConfig:
+    """Time every candidate on the real arguments (median of a short run); cache the fastest."""
+    best, best_ms = None, float("inf")
+    for cfg in _candidate_configs(m, group == 0, group):
+        try:
+            ms = triton.testing.do_bench(lambda: _launch(args, m, n, k, rank, group, has_bias, lora_dtype, cfg), warmup=5, rep=20, return_mode="median")
+        except triton.runtime.errors.OutOfResources:
+            continue  # tile does not fit this GPU's shared memory or registers
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _tuned[key] = best
+    return best
+
+
+def tuned_configs() -> dict[tuple, GemmConfig]:
+    """The configs chosen so far, keyed by (two_level, M bucket, N, K, rank chunks, lora dtype, out dtype).
+
+    Example:
+        >>> isinstance(tuned_configs(), dict)
+        True
+    """
+    return dict(_tuned)
+
+
+def w4a4_gemm(
+    act_q: Tensor,
+    act_scales: Tensor,
+    weight_q: Tensor,
+    weight_scales: Tensor,
+    lora_act: Tensor,
+    lora_up: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+    config: GemmConfig | None = None,
+) -> Tensor:
+    """``float(act_q . weight_q^T) * scales + lora_act @ lora_up^T + bias`` as ``out_dtype`` [M, N].
+
+    Args:
+        act_q: [M, K] int8 activations (``q * mult`` or ``q``).
+        act_scales: fp32 [M] (two-level) or [M, K/G] (group scales).
+        weight_q: [N, K] int8.
+        weight_scales: [N] fp32 (two-level) or [N, K/G] any float dtype.
+        lora_act: [M, R] 16-bit or fp32 (R = 0 allowed, any R; chunks of up to 64).
+        lora_up: [N, R]; a dtype other than lora_act's is multiplied in fp32.
+        bias: [N] or None.
+        out_dtype: bf16, fp16 or fp32.
+        config: a fixed tile config (tests); None picks a measured one on CUDA, a default elsewhere.
+
+    Example:
+        >>> a = torch.randint(-8, 8, (3, 128), dtype=torch.int8)
+        >>> w = torch.randint(-8, 8, (32, 128), dtype=torch.int8)
+        >>> w4a4_gemm(a, torch.ones(3), w, torch.ones(32), torch.zeros(3, 0), torch.zeros(32, 0), None, torch.float32).shape
+        torch.Size([3, 32])
+    """
+    group = _check_args(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias)
+    (m, k), n, rank = act_q.shape, weight_q.shape[0], lora_act.shape[1]
+    out = torch.empty((m, n), dtype=out_dtype, device=act_q.device)
+    if m == 0 or n == 0:
+        return out
+    # 16-bit products are exact in fp32, so an fp32 dot computes the same sums; it is used for mixed
+    # dtypes and under the CPU interpreter, whose bf16 dot is wrong (Triton 3.9 reads raw bits).
+    lora_dtype = lora_act.dtype if lora_up.dtype == lora_act.dtype and lora_act.is_cuda else torch.float32
+    args = (act_q.contiguous(), act_scales.contiguous(), weight_q.contiguous(), weight_scales.contiguous(),
+            lora_act.contiguous(), lora_up.contiguous(), bias if bias is not None else act_scales, out)
+    if config is None:
+        key = (group, _m_bucket(m), n, k, triton.cdiv(rank, 64), lora_dtype, out_dtype)
+        config = _tuned.get(key)
+        if config is None:
+            if act_q.is_cuda and not torch.cuda.is_current_stream_capturing():
+                config = _tune(args, key, m, n, k, rank, group, bias is not None, lora_dtype)
+            else:
+                config = _candidate_configs(m, group == 0, group)[0]
+    _launch(args, m, n, k, rank, group, bias is not None, lora_dtype, config)
+    return out
+
+
+def w4a4_gemm_reference(
+    act_q: Tensor,
+    act_scales: Tensor,
+    weight_q: Tensor,
+    weight_scales: Tensor,
+    lora_act: Tensor,
+    lora_up: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """What ``w4a4_gemm`` computes, in plain PyTorch (the GEMM half of ``numerics.w4a4_linear_reference``).
+
+    Example:
+        >>> a = torch.randint(-8, 8, (3, 128), dtype=torch.int8)
+        >>> w = torch.randint(-8, 8, (32, 128), dtype=torch.int8)
+        >>> w4a4_gemm_reference(a, torch.ones(3), w, torch.ones(32), torch.zeros(3, 0), torch.zeros(32, 0), None, torch.float32).shape
+        torch.Size([3, 32])
+    """
+    out = lora_act.float() @ lora_up.float().T
+    if act_scales.dim() == 1:
+        acc = (act_q.double() @ weight_q.double().T).float()  # exact int32 sums
+        out += acc * act_scales.float().unsqueeze(1) * weight_scales.float().unsqueeze(0)
+    else:
+        group = act_q.shape[1] // act_scales.shape[1]
+        w_g = weight_q.float().unflatten(-1, (-1, group))
+        for start in range(0, act_q.shape[0], 256):  # bounds the [rows, N, groups] intermediate
+            rows = slice(start, start + 256)
+            acc = torch.einsum("mgk,ngk->mng", act_q[rows].float().unflatten(-1, (-1, group)), w_g)  # exact in fp32
+            out[rows] += (acc * act_scales[rows].float().unsqueeze(1) * weight_scales.float().unsqueeze(0)).sum(-1)
+    if bias is not None:
+        out += bias.float()
+    return out.to(out_dtype)

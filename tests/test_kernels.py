@@ -1,0 +1,227 @@
+"""The Triton kernels under Triton's CPU interpreter, against their PyTorch references.
+
+Integer outputs (int8 activations, two-level row scales, group scales) must match exactly. Float
+outputs may differ from the reference only by the order of fp32 additions (the kernels accumulate
+in tiles) and, for 16-bit outputs, by the one rounding that follows: bounds below are derived from
+that, not picked by hand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import zlib
+
+import pytest
+import torch
+
+# The interpreter is chosen when a kernel is decorated (and Triton checks the variable again at the
+# first launch): set it, (re)import the kernel modules, restore it, and set it again only while this
+# module's tests run (fixture below), so that the rest of the suite is unaffected.
+_saved_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import svdq_compile.kernels.quantize_act_lowrank_down as qk  # noqa: E402
+import svdq_compile.kernels.w4a4_gemm as gk  # noqa: E402
+
+for _module, _kernel in ((qk, "_quantize_act_lowrank_down_kernel"), (gk, "_w4a4_gemm_kernel")):
+    if not isinstance(getattr(_module, _kernel), InterpretedFunction):
+        importlib.reload(_module)  # imported earlier without the interpreter
+if _saved_interpret is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _saved_interpret
+
+from svdq_compile import numerics  # noqa: E402
+
+FP32_EPS = 2.0**-24  # unit roundoff
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32(repr(parts).encode())  # stable across runs, unlike hash() of a str
+
+
+def _outlier_input(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian tokens where a few channels are 30-100x larger, as in diffusion transformers."""
+    x = torch.randn(m, k, generator=gen)
+    boost = torch.ones(k)
+    outliers = torch.randperm(k, generator=gen)[: max(2, k // 32)]
+    boost[outliers] = 30 + 70 * torch.rand(outliers.numel(), generator=gen)
+    return (x * boost).to(dtype)
+
+
+def _ulp_bound(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """At least one unit in the last place of ``dtype`` at ``|ref|`` (one rounding may flip it)."""
+    if dtype == torch.float32:
+        return torch.zeros_like(ref)
+    smallest = 2.0**-24 if dtype == torch.float16 else 2.0**-133
+    return (ref.abs() * 2.0 ** -MANTISSA_BITS[dtype]).clamp_min(smallest)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _triton_interpreter():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def test_kernels_run_under_the_interpreter():
+    assert isinstance(qk._quantize_act_lowrank_down_kernel, InterpretedFunction)
+    assert isinstance(gk._w4a4_gemm_kernel, InterpretedFunction)
+
+
+@pytest.mark.parametrize("rank", [0, 16, 48])
+@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_quantize_act_lowrank_down_matches_reference(dtype, two_level, rank):
+    gen = torch.Generator().manual_seed(_seed(dtype, two_level, rank))
+    m, k = 37, 64 * 3
+    x = _outlier_input(m, k, dtype, gen)
+    smooth_inv = 0.25 + torch.rand(k, generator=gen)
+    lora_down = (torch.randn(rank, k, generator=gen) / k**0.5).to(dtype)
+    act_q, scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level)
+    ref_q, ref_scales, ref_lora = qk.quantize_act_lowrank_down_reference(x, smooth_inv, lora_down, 64, two_level)
+    assert act_q.dtype == torch.int8 and torch.equal(act_q, ref_q)
+    assert scales.dtype == torch.float32 and torch.equal(scales, ref_scales)
+    assert lora_act.dtype == dtype and lora_act.shape == (m, rank)
+    # The fp32 sum over K differs from the reference's only in order: at most K * eps * sum|x * down|
+    # (first order); the cast to x's dtype then rounds once, which can move the result by one ulp of
+    # that dtype when the two fp32 sums straddle a rounding boundary.
+    abs_sum = x.float().abs() @ lora_down.float().abs().T
+    bound = k * FP32_EPS * abs_sum + _ulp_bound(ref_lora.float(), dtype)
+    assert ((lora_act.float() - ref_lora.float()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+def test_quantize_edge_rows(two_level):
+    """Exact ties, a zero token, a token with NaN, one with Inf, a batch of one: same as the oracle."""
+    gen = torch.Generator().manual_seed(7)
+    k = 64 * 5
+    x = _outlier_input(19, k, torch.bfloat16, gen)
+    # Row 0: group 0 has max 112 (s1 = 1, mult 16; int4 scale 16), group 1 max 7 (mult 1; scale 1):
+    # its other entries land exactly on .5 after division, where rounding half to even matters.
+    halves = torch.tensor([0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, -3.5])
+    x[0] = 0
+    x[0, 0], x[0, 1:9] = 112.0, 16 * halves
+    x[0, 64], x[0, 65:73] = 7.0, halves
+    x[2] = 0
+    x[5, 100] = float("nan")
+    x[11, 3] = float("inf")
+    lora_down = (torch.randn(16, k, generator=gen) / 16).bfloat16()
+    smooth_inv = torch.ones(k)
+    act_q, scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level)
+    ref_q, ref_scales, _ = qk.quantize_act_lowrank_down_reference(x, smooth_inv, lora_down, 64, two_level)
+    assert torch.equal(act_q, ref_q)
+    assert torch.equal(scales.isnan(), ref_scales.isnan()) and torch.equal(scales.nan_to_num(), ref_scales.nan_to_num())
+    assert not torch.isfinite(lora_act[[5, 11]]).all(dim=1).any() and torch.isfinite(lora_act[2]).all()
+    one_q, one_scales, _ = qk.quantize_act_lowrank_down(x[7:8], smooth_inv, lora_down, 64, two_level)
+    assert torch.equal(one_q, ref_q[7:8]) and torch.equal(one_scales, ref_scales[7:8])
+
+
+def _gemm_inputs(m: int, n: int, k: int, rank: int, dtype: torch.dtype, two_level: bool, with_bias: bool, gen: torch.Generator):
+    x = _outlier_input(m, k, torch.float32, gen)
+    act_q, act_scales = numerics.quantize_activations(x, 64, two_level)
+    weight = torch.randn(n, k, generator=gen) / k**0.5
+    q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype)
+    weight_q = numerics.expand_2level(q, mult, 64) if two_level else q
+    lora_act = torch.randn(m, rank, generator=gen).to(dtype)
+    lora_up = (torch.randn(n, rank, generator=gen) / 4).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    return act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias
+
+
+def _gemm_bound(args: tuple, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference output and how far an fp32-accumulating kernel may be from it.
+
+    Every term (integer dot times scales, low-rank products, bias) is exact or rounded once; the
+    kernel adds the same terms in another order, so the difference is at most
+    (terms + 4) * eps * sum|terms|, with sum|terms| the reference run on absolute values. A 16-bit
+    output then rounds once more (one ulp).
+    """
+    act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias = args
+    ref = gk.w4a4_gemm_reference(*args, torch.float32)
+    abs_args = [t.abs() if t is not None else None for t in args]
+    abs_sum = gk.w4a4_gemm_reference(*abs_args, torch.float32)
+    terms = max(lora_act.shape[1], 1 if act_scales.dim() == 1 else act_scales.shape[1]) + 4
+    return ref, terms * FP32_EPS * abs_sum + _ulp_bound(ref, out_dtype)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("rank", [0, 16, 48])
+@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_w4a4_gemm_matches_reference(dtype, two_level, rank, with_bias):
+    gen = torch.Generator().manual_seed(_seed(dtype, two_level, rank, with_bias))
+    args = _gemm_inputs(37, 72, 64 * 3, rank, dtype, two_level, with_bias, gen)
+    out = gk.w4a4_gemm(*args, dtype)
+    ref, bound = _gemm_bound(args, dtype)
+    assert out.dtype == dtype and out.shape == (37, 72)
+    assert ((out.float() - ref).abs() <= bound).all()
+    # The bound is far below the size of what is added: dropping the bias or the low-rank part fails.
+    assert bound.max() < 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [gk.GemmConfig(16, 32, 128, 1, 4, 2), gk.GemmConfig(16, 32, 128, 2, 4, 2), gk.GemmConfig(32, 64, 64, 4, 4, 2),
+     gk.GemmConfig(16, 16, 64, 8, 4, 2, group_m=2), gk.GemmConfig(64, 32, 128, 1, 4, 2, group_m=1)],
+    ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}g{c.group_m}",
+)
+def test_w4a4_gemm_tile_configs(config):
+    """Split-K (more splits than K tiles included), masked K tails, tile groups, odd M and N."""
+    gen = torch.Generator().manual_seed(config.block_m * 1000 + config.split_k)
+    args = _gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, True, gen)
+    ref, bound = _gemm_bound(args, torch.bfloat16)
+    for _ in range(2):  # the second launch checks that split-K left its workspace clean
+        out = gk.w4a4_gemm(*args, torch.bfloat16, config=config)
+        assert ((out.float() - ref).abs() <= bound).all()
+
+
+def test_kernels_compose_to_the_op_reference():
+    """quantize kernel -> GEMM kernel equals numerics.w4a4_linear_reference.
+
+    lora_act is rounded to bf16 in both, but the two fp32 sums before that rounding may differ, so
+    lora_act may differ by one bf16 ulp: that moves the output by at most 2**-7 * |lora_act| @ |lora_up|.
+    """
+    gen = torch.Generator().manual_seed(3)
+    m, n, k, rank = 29, 40, 64 * 3, 32
+    for two_level in (True, False):
+        x = _outlier_input(m, k, torch.bfloat16, gen)
+        smooth_inv = 0.5 + torch.rand(k, generator=gen)
+        weight = torch.randn(n, k, generator=gen) / k**0.5
+        q, scales, mult = numerics.quantize_weight(weight, 64, two_level, torch.bfloat16)
+        weight_q = numerics.expand_2level(q, mult, 64) if two_level else q
+        lora_down = (torch.randn(rank, k, generator=gen) / k).bfloat16()
+        lora_up = (torch.randn(n, rank, generator=gen) / 4).bfloat16()
+        bias = torch.randn(n, generator=gen).bfloat16()
+        act_q, act_scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level)
+        out = gk.w4a4_gemm(act_q, act_scales, weight_q, scales, lora_act, lora_up, bias, torch.bfloat16)
+        ref = numerics.w4a4_linear_reference(x, weight_q, scales, smooth_inv, lora_down, lora_up, bias, 64)
+        _, bound = _gemm_bound((act_q, act_scales, weight_q, scales, lora_act, lora_up, bias), torch.bfloat16)
+        bound += 2.0**-7 * (lora_act.float().abs() @ lora_up.float().abs().T)
+        assert ((out.float() - ref.float()).abs() <= bound).all()
+
+
+def test_rank_above_256_is_split_off():
+    gen = torch.Generator().manual_seed(5)
+    x = _outlier_input(3, 64, torch.float32, gen)
+    lora_down = torch.randn(264, 64, generator=gen)
+    act_q, _, lora_act = qk.quantize_act_lowrank_down(x, torch.ones(64), lora_down, 64, True)
+    ref_q, _, ref_lora = qk.quantize_act_lowrank_down_reference(x, torch.ones(64), lora_down, 64, True)
+    assert torch.equal(act_q, ref_q) and lora_act.shape == (3, 264)
+    assert ((lora_act - ref_lora).abs() <= 64 * FP32_EPS * (x.abs() @ lora_down.abs().T)).all()
+
+
+def test_bad_arguments_name_the_fix():
+    x = torch.randn(4, 96)
+    with pytest.raises(ValueError, match="group_size"):
+        qk.quantize_act_lowrank_down(x, torch.ones(96), torch.zeros(0, 96), 48, True)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        qk.quantize_act_lowrank_down(x, torch.ones(96), torch.zeros(0, 96), 64, True)
+    a = torch.zeros(4, 128, dtype=torch.int8)
+    with pytest.raises(ValueError, match="K = 128 but weight_q has K = 64"):
+        gk.w4a4_gemm(a, torch.ones(4), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8), torch.zeros(4, 0), torch.zeros(8, 0), None, torch.float32)
+    with pytest.raises(ValueError, match="scales must be"):
+        gk.w4a4_gemm(a, torch.ones(4, 3), torch.zeros(8, 128, dtype=torch.int8), torch.ones(8, 3), torch.zeros(4, 0), torch.zeros(8, 0), None, torch.float32)
