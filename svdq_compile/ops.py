@@ -101,3 +101,36 @@ def w4a4_linear(
         torch.Size([3, 8])
     """
     return torch.ops.svdq.w4a4_linear(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
+
+
+_fallback_warned: set[int] = set()
+
+
+@_w4a4_linear_op.register_kernel("cuda")
+def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size):
+    """CUDA: the two fused Triton kernels (quantize + low-rank down, then GEMM + epilogue).
+
+    GPUs without int8 tensor cores (compute capability < 8.0) and group sizes the kernels do not
+    take (not a power of two in 16..256) run the reference instead, with a one-time warning.
+    """
+    check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
+    x = x.contiguous()
+    major, _ = torch.cuda.get_device_capability(x.device)
+    if major < 8 or group_size not in (16, 32, 64, 128, 256):
+        key = x.device.index if major < 8 else -group_size
+        if key not in _fallback_warned:
+            import warnings
+
+            _fallback_warned.add(key)
+            reason = "this GPU has no int8 tensor cores (compute capability < 8.0)" if major < 8 else f"group_size {group_size} is not a power of two in 16..256"
+            warnings.warn(f"svdq::w4a4_linear runs the slow PyTorch reference: {reason}", stacklevel=2)
+        return w4a4_linear_reference(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
+    # Imported here so that importing the package does not compile or decorate Triton kernels.
+    from .kernels.quantize_act_lowrank_down import quantize_act_lowrank_down
+    from .kernels.w4a4_gemm import w4a4_gemm
+
+    two_level = weight_scales.dim() == 1
+    x2d = x.reshape(-1, x.shape[-1])
+    act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level)
+    out = w4a4_gemm(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, x.dtype)
+    return out.reshape(*x.shape[:-1], weight_q.shape[0])
