@@ -53,6 +53,11 @@ class SVDQuantConfig:
             ``~/.cache/svdq_compile``; ``""`` disables the cache).
         checkpoint: path of a file written by ``save_quantized``; layers are loaded from it instead of
             being quantized.
+        fuse_lora: backend pass flag: fold peft / diffusers LoRA adapters into the low-rank branch
+            of their base layer's W4A4 op (else the adapters run as a separate 16-bit branch).
+        quantize_linear: backend pass flag: rewrite every eligible linear into the W4A4 op.
+        free_weights: after the first compiled call, release the storage of the 16-bit weights the
+            compiled graph no longer reads (eager calls and ``state_dict`` then fail).
 
     Example:
         >>> SVDQuantConfig(rank=16).rank
@@ -69,6 +74,9 @@ class SVDQuantConfig:
     calib_tokens: int = 256
     cache_dir: str | None = None
     checkpoint: str | None = None
+    fuse_lora: bool = True
+    quantize_linear: bool = True
+    free_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -90,6 +98,9 @@ class SVDQuantConfig:
         self.skip = tuple(self.skip)
         if not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be an integer >= 1, got {self.calib_tokens!r}")
+        for name in ("fuse_lora", "quantize_linear", "free_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def two_level(self) -> bool:

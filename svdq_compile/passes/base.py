@@ -1,0 +1,137 @@
+"""What every svdquant graph pass shares: the call convention, a uuid, and linear-node helpers.
+
+A pass rewrites a Dynamo-level FX graph (torch functions such as ``F.linear``, before AOT autograd)
+in place and returns how many patterns it replaced. Passes do not quantize anything themselves:
+they ask a ``WeightProvider`` (implemented by the backend and by the Inductor pass) for the graph
+nodes that carry a weight's quantized tensors, so the same pass runs whether those tensors arrive as
+extra graph inputs (the backend) or as frozen constants (Inductor's pre-grad hook).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import operator
+from typing import Protocol
+
+import torch
+from torch import fx
+from torch.nn import functional as F
+
+# The op every pass emits; its argument order is (x, weight_q, weight_scales, smooth_inv,
+# lora_down, lora_up, bias, group_size), see svdq_compile/ops.py.
+W4A4_OP = torch.ops.svdq.w4a4_linear.default
+
+_LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
+
+
+class QuantizedNodes(Protocol):
+    """The graph nodes of one quantized weight, in the op's argument order."""
+
+    weight_q: fx.Node
+    weight_scales: fx.Node
+    smooth_inv: fx.Node
+    lora_down: fx.Node
+    lora_up: fx.Node
+    group_size: int
+
+
+class WeightProvider(Protocol):
+    """Decides, per weight node, whether a linear is quantized, and supplies its quantized tensors."""
+
+    def quantized_nodes(self, graph: fx.Graph, weight: fx.Node) -> QuantizedNodes | None:
+        """Nodes carrying the quantized form of ``weight``, or None to keep the linear in 16-bit."""
+        ...
+
+
+class SVDQPass:
+    """Base class of svdquant FX passes: ``pass_(graph) -> number of rewrites``.
+
+    Subclasses implement ``apply``; ``uuid()`` hashes the subclass source so Inductor's FX-graph
+    cache key changes whenever a pass changes (the contract of Inductor's ``CustomGraphPass``).
+
+    Example:
+        >>> class Nothing(SVDQPass):
+        ...     def apply(self, graph):
+        ...         return 0
+        >>> Nothing(provider=None)(torch.fx.Graph())
+        0
+    """
+
+    def __init__(self, provider: WeightProvider) -> None:
+        self.provider = provider
+
+    def __call__(self, graph: fx.Graph) -> int:
+        count = self.apply(graph)
+        if count:
+            graph.eliminate_dead_code()
+            graph.lint()
+        return count
+
+    def apply(self, graph: fx.Graph) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def uuid(cls) -> str:
+        """Hash of this pass's source and the base's (changes whenever the rewrite changes)."""
+        source = inspect.getsource(cls) + inspect.getsource(SVDQPass) + inspect.getsource(emit_w4a4)
+        return hashlib.sha256(source.encode()).hexdigest()
+
+
+def linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    """``(x, weight, bias)`` of a ``linear`` call node whose weight is a graph node, else None.
+
+    Example:
+        >>> g = torch.fx.Graph(); x = g.placeholder("x"); w = g.placeholder("w")
+        >>> linear_parts(g.call_function(F.linear, (x, w))) == (x, w, None)
+        True
+    """
+    if node.op != "call_function" or node.target not in _LINEAR_TARGETS:
+        return None
+    args = list(node.args) + [None] * (3 - len(node.args))
+    x = args[0] if node.args else node.kwargs.get("input")
+    weight = node.kwargs.get("weight", args[1])
+    bias = node.kwargs.get("bias", args[2])
+    if not isinstance(x, fx.Node) or not isinstance(weight, fx.Node):
+        return None
+    if bias is not None and not isinstance(bias, fx.Node):
+        return None
+    return x, weight, bias
+
+
+def is_add(node: fx.Node) -> bool:
+    """True for a two-operand addition as Dynamo traces ``a + b`` or ``torch.add(a, b)``."""
+    return node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd) and len(node.args) == 2 and not node.kwargs
+
+
+def is_mul(node: fx.Node) -> bool:
+    """True for a two-operand multiplication (``a * b`` / ``torch.mul``)."""
+    return node.op == "call_function" and node.target in (operator.mul, torch.mul, operator.imul) and len(node.args) == 2 and not node.kwargs
+
+
+def emit_w4a4(graph: fx.Graph, x: fx.Node, quant: QuantizedNodes, bias: fx.Node | None, lora_down: fx.Node | None = None, lora_up: fx.Node | None = None) -> fx.Node:
+    """Insert ``svdq.w4a4_linear`` at the graph's current insertion point and return its node.
+
+    ``lora_down`` / ``lora_up`` default to the quantized layer's own low-rank factors; the LoRA pass
+    passes concatenations with adapter factors instead.
+    """
+    args = (x, quant.weight_q, quant.weight_scales, quant.smooth_inv, quant.lora_down if lora_down is None else lora_down, quant.lora_up if lora_up is None else lora_up, bias, quant.group_size)
+    return graph.call_function(W4A4_OP, args)
+
+
+def copy_meta(old: fx.Node, new: fx.Node) -> None:
+    """Give ``new`` the output metadata of the node it replaces (same value, so same fake tensor)."""
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "val", "tensor_meta", "nn_module_stack", "stack_trace")})
+
+
+def count_w4a4(graph: fx.Graph) -> int:
+    """Number of ``svdq.w4a4_linear`` calls in ``graph``."""
+    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is W4A4_OP)
+
+
+def count_linears(graph: fx.Graph) -> int:
+    """Number of ``linear`` calls in ``graph``."""
+    return sum(1 for n in graph.nodes if linear_parts(n) is not None)
+
+
+__all__ = ["SVDQPass", "WeightProvider", "QuantizedNodes", "W4A4_OP", "linear_parts", "emit_w4a4", "copy_meta", "count_w4a4", "count_linears", "is_add", "is_mul"]

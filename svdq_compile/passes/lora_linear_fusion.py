@@ -1,0 +1,132 @@
+"""Fuse a linear and its peft / diffusers LoRA adapters into one W4A4 op."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import fx
+from torch.nn import functional as F
+
+from .base import SVDQPass, copy_meta, emit_w4a4, is_add, is_mul, linear_parts
+
+_DROPOUT_TARGETS = (F.dropout, torch.dropout, torch.nn.functional.dropout)
+
+
+class LoraLinearFusionPass(SVDQPass):
+    """Fold LoRA adapters (as peft traces them, one or several) into the low-rank branch of the
+    base linear's W4A4 op; the base weight is quantized once, the adapters stay 16-bit.
+
+    Before (two adapters; ``dropout`` is absent when peft's ``lora_dropout`` is 0)::
+
+        y0 = linear(x, W, b)
+        d1 = dropout(x, p, False);  a1 = linear(d1, A1);  b1 = linear(a1, B1);  y1 = y0 + b1 * s1
+        d2 = dropout(x, p, False);  a2 = linear(d2, A2);  b2 = linear(a2, B2);  y  = y1 + b2 * s2
+
+    After::
+
+        down = cat([lora_down, A1.type_as(lora_down), A2.type_as(lora_down)], 0)
+        up   = cat([lora_up, (B1 * s1).type_as(lora_up), (B2 * s2).type_as(lora_up)], 1)
+        y = svdq.w4a4_linear(x, W_q, scales, smooth_inv, down, up, b, 64)
+
+    ``A`` is appended without the smoothing factor: ``lora_down`` already has ``1/lambda`` folded
+    in, so the whole low-rank branch reads the raw ``x``, exactly what the adapter reads. The
+    adapters are ordinary graph inputs, so changing their values (``set_adapters`` strength,
+    another LoRA of the same rank) needs no recompile and no re-quantization. A dropout in
+    training mode (or anything else between ``x`` and ``A``) is not matched: that LoRA stays a
+    16-bit branch and ``LinearToW4A4Pass`` still quantizes the base linear.
+
+    Example:
+        >>> g = fx.Graph(); x, w, a, b = (g.placeholder(n) for n in "xwab")
+        >>> y = g.call_function(F.linear, (x, w))
+        >>> lora = g.call_function(F.linear, (g.call_function(F.linear, (x, a)), b))
+        >>> _ = g.output(y + lora * 0.5)
+        >>> LoraLinearFusionPass(provider=type("Never", (), {"quantized_nodes": lambda *a: None})())(g)
+        0
+    """
+
+    def apply(self, graph: fx.Graph) -> int:
+        count = 0
+        for node in list(graph.nodes):
+            parts = linear_parts(node)
+            if parts is None or node.graph is not graph:
+                continue
+            x, weight, bias = parts
+            adapters, last = _adapters_after(node, x)
+            if not adapters:
+                continue
+            quant = self.provider.quantized_nodes(graph, weight)
+            if quant is None:
+                continue
+            with graph.inserting_before(last):
+                downs = [quant.lora_down] + [graph.call_method("type_as", (a, quant.lora_down)) for a, _, _ in adapters]
+                ups = [quant.lora_up] + [graph.call_method("type_as", (_scaled(graph, b, s), quant.lora_up)) for _, b, s in adapters]
+                down = graph.call_function(torch.cat, (downs, 0))
+                up = graph.call_function(torch.cat, (ups, 1))
+                fused = emit_w4a4(graph, x, quant, bias, down, up)
+            copy_meta(last, fused)
+            last.replace_all_uses_with(fused)
+            count += 1
+        return count
+
+
+def _scaled(graph: fx.Graph, b: fx.Node, scale: object) -> fx.Node:
+    return b if isinstance(scale, numbers.Number) and scale == 1 else graph.call_function(torch.mul, (b, scale))
+
+
+def _adapters_after(base: fx.Node, x: fx.Node) -> tuple[list[tuple[fx.Node, fx.Node, object]], fx.Node]:
+    """The ``(A, B, scale)`` adapters added onto ``base`` one after another, and the last add."""
+    adapters = []
+    current = base
+    while len(current.users) == 1:
+        (add,) = current.users
+        if not is_add(add):
+            break
+        other = add.args[1] if add.args[0] is current else add.args[0]
+        adapter = _match_adapter(other, x) if isinstance(other, fx.Node) else None
+        if adapter is None:
+            break
+        adapters.append(adapter)
+        current = add
+    return adapters, current
+
+
+def _match_adapter(node: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node, object] | None:
+    """Match ``linear(linear(dropout?(x), A), B) * scale`` (every step used once) -> (A, B, scale)."""
+    if len(node.users) != 1:
+        return None
+    scale: object = 1.0
+    if is_mul(node):
+        lhs, rhs = node.args
+        up, scale = (lhs, rhs) if isinstance(lhs, fx.Node) and linear_parts(lhs) else (rhs, lhs)
+        if not isinstance(up, fx.Node) or len(up.users) != 1:
+            return None
+        if isinstance(scale, fx.Node) and scale.meta.get("example_value") is not None and scale.meta["example_value"].numel() != 1:
+            return None
+    else:
+        up = node
+    up_parts = linear_parts(up)
+    if up_parts is None or up_parts[2] is not None:
+        return None
+    hidden, b_weight, _ = up_parts
+    if len(hidden.users) != 1:
+        return None
+    down_parts = linear_parts(hidden)
+    if down_parts is None or down_parts[2] is not None:
+        return None
+    source, a_weight, _ = down_parts
+    if source is not x and not (_is_eval_dropout(source) and source.args[0] is x and len(source.users) == 1):
+        return None
+    return a_weight, b_weight, scale
+
+
+def _is_eval_dropout(node: fx.Node) -> bool:
+    """A dropout that is the identity (inference): ``training`` False or ``p`` 0."""
+    if node.op != "call_function" or node.target not in _DROPOUT_TARGETS:
+        return False
+    names = ("input", "p", "training", "inplace")
+    args = dict(zip(names, node.args)) | dict(node.kwargs)
+    return args.get("training", True) is False or args.get("p", 0.5) == 0
+
+
+__all__ = ["LoraLinearFusionPass"]
