@@ -15,6 +15,8 @@ low-rank dot) reads DRAM, the second re-reads the same rows shortly after, mostl
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -119,8 +121,35 @@ def _check_args(x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: 
         raise ValueError(f"quantize_act_lowrank_down: lora_down must be a float [R, {k}], got {lora_down.dtype} {tuple(lora_down.shape)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """Launch shape of the quantize kernel: token rows per program, K chunk, warps, pipeline depth.
+
+    Example:
+        >>> QuantizeConfig(32, 256, 4, 3).block_m
+        32
+    """
+
+    block_m: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_quantize_config(m: int, k: int, rank: int, group_size: int) -> QuantizeConfig:
+    """The launch shape used unless one is given (chosen from the H100 sweep in KERNEL_NOTES.md).
+
+    Example:
+        >>> default_quantize_config(4096, 3072, 32, 64).block_k
+        256
+    """
+    block_r = max(16, triton.next_power_of_2(rank))
+    # The [BLOCK_R, BLOCK_K] tile of lora_down is the largest operand: keep it near 32 KB.
+    return QuantizeConfig(32, max(group_size, min(256, 16384 // block_r)), 4, 3)
+
+
 def quantize_act_lowrank_down(
-    x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int, two_level: bool
+    x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int, two_level: bool, config: QuantizeConfig | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize ``x2d * smooth_inv`` per token and compute ``x2d @ lora_down^T`` in one kernel.
 
@@ -131,6 +160,7 @@ def quantize_act_lowrank_down(
             any float dtype (a dtype other than x's is multiplied in fp32).
         group_size: power of two in 16..256 dividing K.
         two_level: the "int4_2level" format (else "int4" float group scales).
+        config: launch shape (sweeps, tests); None uses ``default_quantize_config``.
 
     Returns:
         ``(act_q int8 [M, K], act_scales fp32 [M] or [M, K / group_size], lora_act [M, R] x.dtype)``.
@@ -146,7 +176,7 @@ def quantize_act_lowrank_down(
     m, k = x2d.shape
     if lora_down.shape[0] > _MAX_FUSED_RANK:
         # Ranks past 256 (many appended LoRAs) would not fit the kernel's registers: one more fp32 matmul.
-        act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down[:_MAX_FUSED_RANK], group_size, two_level)
+        act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down[:_MAX_FUSED_RANK], group_size, two_level, config)
         extra = (x2d.float() @ lora_down[_MAX_FUSED_RANK:].float().T).to(x2d.dtype)
         return act_q, act_scales, torch.cat((lora_act, extra), dim=1)
     rank = lora_down.shape[0]
@@ -158,17 +188,16 @@ def quantize_act_lowrank_down(
     # 16-bit products are exact in fp32, so an fp32 dot computes the same sums; it is used for mixed
     # dtypes and under the CPU interpreter, whose bf16 dot is wrong (Triton 3.9 reads raw bits).
     dot_dtype = x2d.dtype if lora_down.dtype == x2d.dtype and x2d.is_cuda else torch.float32
-    block_r = max(16, triton.next_power_of_2(rank))
-    # The [BLOCK_R, BLOCK_K] tile of lora_down is the largest operand: keep it near 32 KB.
-    block_k = max(group_size, min(256, 16384 // block_r))
-    block_m = 32
-    _quantize_act_lowrank_down_kernel[(triton.cdiv(m, block_m),)](
+    cfg = config or default_quantize_config(m, k, rank, group_size)
+    if cfg.block_k % group_size:
+        raise ValueError(f"quantize_act_lowrank_down: block_k = {cfg.block_k} must be a multiple of group_size = {group_size}")
+    _quantize_act_lowrank_down_kernel[(triton.cdiv(m, cfg.block_m),)](
         x2d, smooth_inv.float().contiguous(), lora_down.contiguous(), act_q, act_scales, lora_act,
         m, k, rank,
         GROUP=group_size, TWO_LEVEL=two_level, HAS_LORA=rank > 0,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype], DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
-        num_warps=4, num_stages=3,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return act_q, act_scales, lora_act
 
