@@ -7,9 +7,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 start=$(date +%s)
-python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py > "$OUT/pytest_gpu.log" 2>&1
+timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --maxfail=15 --durations=15 tests/test_kernels_gpu.py > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/pytest_gpu.log")"
 start=$(date +%s)
-python3 benchmarks/bench_kernels.py --out "$OUT" "$@" > "$OUT/bench_kernels.log" 2>&1
+timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_kernels.py --out "$OUT" "$@" > "$OUT/bench_kernels.log" 2>&1
 echo "bench rc=$? in $(( $(date +%s) - start )) s"
 grep -v "^sweep\|^  " "$OUT/bench_kernels.log" | tail -45
