@@ -122,15 +122,20 @@ class QuantizedLinear(nn.Module):
         lam = numerics.smoothing_factors(None if stats is None else stats.absmax, weight, alpha, beta)
         w_hat = weight.float() * lam
         up, down = numerics.lowrank_svd(w_hat, config.rank)
-        best = None
-        for _ in range(config.refine_iters + 1):
-            q, scales, mult = numerics.quantize_weight(w_hat - up @ down, config.group_size, config.two_level, dtype)
-            deq = numerics.dequantize_weight(q, scales, mult, config.group_size)
-            err = torch.linalg.matrix_norm(w_hat - up @ down - deq).item()
-            if best is None or err < best[0]:
-                best = (err, q, scales, mult, up, down)
-            up, down = numerics.lowrank_svd(w_hat - deq, config.rank)
-        _, q, scales, mult, up, down = best
+        q, scales, mult = numerics.quantize_weight(w_hat - up @ down, config.group_size, config.two_level, dtype)
+        if config.refine_iters:
+            # Refinement: re-fit the low-rank part to what quantization left out, keep the best round
+            # by weight error (the residual's quantization error plus what the branch misses).
+            best = None
+            for step in range(config.refine_iters + 1):
+                deq = numerics.dequantize_weight(q, scales, mult, config.group_size)
+                err = torch.linalg.matrix_norm(w_hat - up @ down - deq).item()
+                if best is None or err < best[0]:
+                    best = (err, q, scales, mult, up, down)
+                if step < config.refine_iters:
+                    up, down = numerics.lowrank_svd(w_hat - deq, config.rank)
+                    q, scales, mult = numerics.quantize_weight(w_hat - up @ down, config.group_size, config.two_level, dtype)
+            _, q, scales, mult, up, down = best
         layer = cls(k, n, config.group_size, config.two_level, alpha, beta)
         layer.register_buffer("qweight", numerics.pack_int4(q))
         layer.register_buffer("scales", scales)
