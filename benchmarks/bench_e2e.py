@@ -1,0 +1,326 @@
+"""End-to-end speed and memory of a FLUX-sized transformer: bf16, fp8, int4 weight-only, svdquant.
+
+    python benchmarks/bench_e2e.py [--blocks 19 38] [--tokens 4096 1024] [--out DIR]
+
+Builds diffusers' FluxTransformer2DModel with FLUX.1's sizes and random bf16 weights, batch 1, 512
+text tokens, and measures each configuration in a fresh subprocess, one after another (so compile
+time is cold, memory is the configuration's own, and the disk cache is the only thing carried over):
+
+* bf16 eager; bf16 Inductor;
+* fp8 dynamic rowwise (torch._scaled_mm, e4m3, per-token x per-channel scales), Inductor;
+* int4 weight-only (torch._weight_int4pack_mm, group 64), Inductor;
+* svdquant (backend="svdquant", rank 32), cold and again with a warm cache; svdquant + a rank-32 LoRA.
+
+Compiled configurations use diffusers' regional compilation (``compile_repeated_blocks``), what
+users take for fast cold starts. Per configuration: median forward latency (CUDA events, warmed up),
+peak memory, weight memory, compile time (first call, quantization included), and for the quantized
+ones the median and max per-layer relative output error against bf16 on real inputs of the first
+double and single block (per layer, not end to end: deep random networks amplify any error).
+Prints a Markdown table and writes results.json and e2e.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIGS = ["bf16 eager", "bf16 inductor", "fp8 rowwise", "int4 weight-only", "svdquant", "svdquant warm", "svdquant + LoRA"]
+TEXT_TOKENS = 512
+GROUP = 64
+
+
+def build_flux(double: int, single: int) -> nn.Module:
+    """FluxTransformer2DModel with FLUX.1's widths, random bf16 weights, on the GPU."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: a 12B model in fp32 would not fit twice
+    try:
+        with torch.device("cuda"):
+            model = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56),
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def flux_inputs(image_tokens: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    side = int(image_tokens**0.5)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 3)
+    return dict(
+        hidden_states=torch.randn(1, image_tokens, 64, generator=g, device="cuda", dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 4096, generator=g, device="cuda", dtype=torch.bfloat16),
+        pooled_projections=torch.randn(1, 768, generator=g, device="cuda", dtype=torch.bfloat16),
+        timestep=torch.tensor([0.5], device="cuda", dtype=torch.bfloat16),
+        img_ids=img_ids.cuda(),
+        txt_ids=torch.zeros(TEXT_TOKENS, 3, device="cuda"),
+        guidance=torch.tensor([3.5], device="cuda", dtype=torch.bfloat16),
+        return_dict=False,
+    )
+
+
+class Fp8RowwiseLinear(nn.Module):
+    """Dynamic fp8 e4m3: per-token activation scales, per-channel weight scales, torch._scaled_mm."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.float()
+        scale = (w.abs().amax(1, keepdim=True) / 448).clamp_min(1e-12)
+        self.weight = (w / scale).to(torch.float8_e4m3fn)
+        self.weight_scale = scale.T.contiguous()  # [1, N]
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        scale = (x2.float().abs().amax(1, keepdim=True) / 448).clamp_min(1e-12)
+        xq = (x2.float() / scale).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(xq, self.weight.T, scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype, use_fast_accum=True)
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """Symmetric int4 weights in groups of 64, bf16 activations, torch._weight_int4pack_mm."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.float()
+        n, k = w.shape
+        scale = (w.unflatten(1, (k // GROUP, GROUP)).abs().amax(-1) / 7).clamp_min(1e-12)  # [N, K/G]
+        q = (torch.round(w.unflatten(1, (k // GROUP, GROUP)) / scale[..., None]).clamp(-8, 7) + 8).flatten(1).to(torch.int32)
+        packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)  # the kernel reads (q - 8) * scale + zero
+        self.weight = torch._convert_weight_to_int4pack(packed, 8)
+        self.scales_and_zeros = torch.stack((scale, torch.zeros_like(scale)), -1).transpose(0, 1).contiguous().bfloat16()
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.weight, GROUP, self.scales_and_zeros)
+        out = out.reshape(*x.shape[:-1], -1)
+        return out + self.bias if self.bias is not None else out
+
+
+def swap_block_linears(model: nn.Module, make: type) -> None:
+    """Replace the nn.Linear modules inside the transformer blocks (where the compute is)."""
+    for blocks in (model.transformer_blocks, model.single_transformer_blocks):
+        for block in blocks:
+            for name, module in list(block.named_modules()):
+                for child_name, child in list(module.named_children()):
+                    if isinstance(child, nn.Linear) and child.in_features % GROUP == 0:
+                        setattr(module, child_name, make(child))
+    torch.cuda.empty_cache()
+
+
+def add_lora(model: nn.Module, rank: int) -> None:
+    """A rank-``rank`` peft LoRA on the attention projections with non-zero random factors."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    model.to(torch.bfloat16)
+
+
+def weight_bytes(model: nn.Module, quantized: list | None = None) -> int:
+    """Bytes of the weights a forward reads: live parameters/buffers plus quantized operands."""
+    total = sum(t.untyped_storage().nbytes() for t in list(model.parameters()) + list(model.buffers()))
+    for module in model.modules():  # module-swap baselines keep their tensors as plain attributes
+        total += sum(v.untyped_storage().nbytes() for v in vars(module).values() if isinstance(v, torch.Tensor))
+    return total + sum(q.nbytes() for q in quantized or [])
+
+
+def sample_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.ff.net.0.proj",
+             "transformer_blocks.0.ff.net.2", "transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.proj_mlp",
+             "single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.attn.to_k"]
+    modules = dict(model.named_modules())
+    return {n: modules[n] for n in names if n in modules}
+
+
+def capture_inputs(model: nn.Module, layers: dict[str, nn.Linear], inputs: dict) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, a[0].detach().clone())) for n, m in layers.items()]
+    with torch.no_grad():
+        model(**inputs)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def layer_errors(layers: dict[str, nn.Linear], inputs: dict[str, torch.Tensor], make) -> list[float]:
+    """Relative output error of each sampled layer, quantized by ``make``, on its real input."""
+    errors = []
+    with torch.no_grad():
+        for name, linear in layers.items():
+            x = inputs[name]
+            ref = linear(x).float()
+            out = make(linear)(x).float()
+            errors.append(((out - ref).norm() / ref.norm()).item())
+    return errors
+
+
+def time_forward(model: nn.Module, inputs: dict, iters: int) -> float:
+    """Median ms of ``iters`` forwards, CUDA-event timed, after warm-up."""
+    with torch.no_grad():
+        for _ in range(3):
+            model(**inputs)
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(**inputs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def run_config(name: str, args: argparse.Namespace) -> dict:
+    """Measure one configuration in this process."""
+    from svdq_compile import QuantizedLinear, SVDQuantConfig
+
+    torch._dynamo.config.cache_size_limit = 64
+    model = build_flux(*args.blocks)
+    result: dict = {"config": name}
+    layers = sample_layers(model)
+    svdq_options = {"rank": 32, "cache_dir": args.cache_dir}
+    quantizers = {
+        "fp8 rowwise": Fp8RowwiseLinear,
+        "int4 weight-only": Int4WeightOnlyLinear,
+        "svdquant": lambda lin: QuantizedLinear.from_linear(lin, SVDQuantConfig(rank=32)),
+    }
+    quantizer = quantizers.get(name.replace(" warm", "").replace(" + LoRA", ""))
+    if quantizer is not None:
+        inputs = capture_inputs(model, layers, flux_inputs(args.tokens[0]))
+        errors = layer_errors(layers, inputs, quantizer)
+        result["layer_error_median"] = sorted(errors)[len(errors) // 2]
+        result["layer_error_max"] = max(errors)
+        del inputs
+    if name == "svdquant + LoRA":
+        add_lora(model, 32)
+    if name in ("fp8 rowwise", "int4 weight-only"):
+        swap_block_linears(model, quantizers[name])
+    if name == "bf16 inductor" or name in ("fp8 rowwise", "int4 weight-only"):
+        model.compile_repeated_blocks(fullgraph=True)
+    elif name.startswith("svdquant"):
+        model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options)
+    torch.cuda.synchronize()
+    for tokens in args.tokens:
+        inputs = flux_inputs(tokens)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(**inputs)
+        torch.cuda.synchronize()
+        first_call = time.perf_counter() - start
+        weights = weight_bytes(model, _svdq_operands())
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        ms = time_forward(model, inputs, args.iters)
+        activations = torch.cuda.max_memory_allocated() - before
+        result[tokens] = {"ms": ms, "first_call_s": first_call, "weight_gib": weights / 2**30, "peak_gib": (weights + activations) / 2**30}
+    return result
+
+
+def _svdq_operands() -> list:
+    """The quantized operands the svdquant backend holds for live weights (one entry per layer)."""
+    if "svdq_compile.backend" not in sys.modules:
+        return []
+    from svdq_compile import backend
+
+    return [q for per_config in backend._QUANTIZED.values() for q in per_config.values()]
+
+
+def plot(rows: list[dict], tokens: int, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    names = [r["config"] for r in rows if tokens in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    axes[0].barh(names, [r[tokens]["ms"] for r in rows if tokens in r], color="tab:blue")
+    axes[0].set_xlabel("forward latency (ms, lower is better)")
+    axes[1].barh(names, [r[tokens]["peak_gib"] for r in rows if tokens in r], color="tab:orange", label="peak")
+    axes[1].barh(names, [r[tokens]["weight_gib"] for r in rows if tokens in r], color="tab:green", label="weights")
+    axes[1].set_xlabel("memory (GiB)")
+    axes[1].legend()
+    fig.suptitle(f"FLUX-sized transformer, {tokens} image + {TEXT_TOKENS} text tokens, {torch.cuda.get_device_name()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(rows: list[dict], tokens: int) -> str:
+    base = next((r[tokens]["ms"] for r in rows if r["config"] == "bf16 inductor" and tokens in r), None)
+    bf16_w = next((r[tokens]["weight_gib"] for r in rows if r["config"] == "bf16 eager" and tokens in r), None)
+    lines = [f"### {tokens} image tokens + {TEXT_TOKENS} text tokens",
+             "| config | ms | speed-up vs bf16 Inductor | weights GiB (x bf16) | peak GiB | first call s | layer err median / max |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if tokens not in r:
+            lines.append(f"| {r['config']} | failed: {r.get('error', '?')[:80]} | | | | | |")
+            continue
+        m = r[tokens]
+        speed = f"{base / m['ms']:.2f}x" if base else "-"
+        wrel = f" ({m['weight_gib'] / bf16_w:.2f}x)" if bf16_w else ""
+        err = f"{r['layer_error_median']:.4f} / {r['layer_error_max']:.4f}" if "layer_error_median" in r else "-"
+        lines.append(f"| {r['config']} | {m['ms']:.1f} | {speed} | {m['weight_gib']:.2f}{wrel} | {m['peak_gib']:.2f} | {m['first_call_s']:.1f} | {err} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, nargs=2, default=[19, 38], metavar=("DOUBLE", "SINGLE"), help="transformer depth (FLUX.1: 19 38)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 1024], help="image tokens (4096 = 1024x1024, 1024 = 512x512)")
+    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--cache-dir", default=None, help="svdquant disk cache (default: a fresh folder under --out)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration in this process, print JSON
+    args = parser.parse_args()
+    args.cache_dir = args.cache_dir or os.path.join(args.out, "svdq_cache")
+    if args.one:
+        print("RESULT " + json.dumps(run_config(args.one, args)))
+        return
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name in args.configs:
+        cmd = [sys.executable, __file__, "--one", name, "--blocks", *map(str, args.blocks), "--tokens", *map(str, args.tokens),
+               "--iters", str(args.iters), "--out", args.out, "--cache-dir", args.cache_dir]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        with open(os.path.join(args.out, "e2e_log.txt"), "a") as log:
+            log.write(f"==== {name}\n{proc.stdout[-20000:]}\n{proc.stderr[-20000:]}\n")
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if found:
+            row = {k if not k.isdigit() else int(k): v for k, v in json.loads(found[-1][7:]).items()}
+        else:
+            row = {"config": name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+        row["process_s"] = time.perf_counter() - start
+        rows.append(row)
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "blocks": args.blocks, "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:])}
+    with open(os.path.join(args.out, "e2e_results.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+    plot(rows, args.tokens[0], os.path.join(args.out, "e2e.png"))
+    print(json.dumps(meta))
+    for tokens in args.tokens:
+        print(table(rows, tokens))
+
+
+if __name__ == "__main__":
+    main()
