@@ -62,6 +62,8 @@ log = logging.getLogger("svdq_compile")
 
 # Below this many output features a W4A4 GEMM saves nothing worth its activation quantization.
 MIN_OUT_FEATURES = 16
+# How Dynamo spells module attribute lookups in a source; not part of the module's name.
+_CONTAINER_ATTRS = {"__dict__", "_modules", "_parameters", "_buffers"}
 _OPERAND_FIELDS = ("weight_q", "weight_scales", "smooth_inv", "lora_down", "lora_up")
 
 
@@ -132,9 +134,9 @@ def skip_reason(name: str, weight: Any, config: SVDQuantConfig) -> str | None:
     """Why the linear ``name`` with this weight stays 16-bit, or None when it is quantized.
 
     Example:
-        >>> skip_reason("proj_out", torch.zeros(64, 64), SVDQuantConfig())
+        >>> skip_reason("proj_out", nn.Parameter(torch.zeros(64, 64)), SVDQuantConfig())
         "skip glob 'proj_out'"
-        >>> skip_reason("blocks.0.ff", torch.zeros(64, 100), SVDQuantConfig())
+        >>> skip_reason("blocks.0.ff", nn.Parameter(torch.zeros(64, 100)), SVDQuantConfig())
         'in_features 100 is not a multiple of group_size 64'
     """
     for glob in config.skip:
@@ -162,10 +164,12 @@ def weight_name(source_name: str) -> str:
     Example:
         >>> weight_name("L['self']._modules['blocks']._modules['0']._modules['fc']._modules['base_layer']._parameters['weight']")
         'blocks.0.fc'
+        >>> weight_name("L['self'].__dict__['_modules']['norm_out']._modules['linear']._parameters['weight']")
+        'norm_out.linear'
     """
-    name = re.sub(r"^[LG]\['[^']*'\]", "", source_name)
-    name = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", name)
-    name = re.sub(r"\[(\d+)\]", r".\1", name).strip(".")
+    path = re.sub(r"^[LG]\['[^']*'\]", "", source_name)
+    tokens = [a or b or c for a, b, c in re.findall(r"\.(\w+)|\['([^']*)'\]|\[(\d+)\]", path)]
+    name = ".".join(t for t in tokens if t not in _CONTAINER_ATTRS)
     name = re.sub(r"\.weight$", "", name)
     return re.sub(r"(^|\.)base_layer$", "", name)
 

@@ -37,12 +37,14 @@ class LoraLinearFusionPass(SVDQPass):
     16-bit branch and ``LinearToW4A4Pass`` still quantizes the base linear.
 
     Example:
+        >>> import operator
         >>> g = fx.Graph(); x, w, a, b = (g.placeholder(n) for n in "xwab")
         >>> y = g.call_function(F.linear, (x, w))
         >>> lora = g.call_function(F.linear, (g.call_function(F.linear, (x, a)), b))
-        >>> _ = g.output(y + lora * 0.5)
-        >>> LoraLinearFusionPass(provider=type("Never", (), {"quantized_nodes": lambda *a: None})())(g)
-        0
+        >>> _ = g.output(g.call_function(operator.add, (y, g.call_function(operator.mul, (lora, 0.5)))))
+        >>> adapters, last = _adapters_after(y, x)  # what the pass matches: [(A, B, scale)], final add
+        >>> adapters == [(a, b, 0.5)], last.target is operator.add
+        (True, True)
     """
 
     def apply(self, graph: fx.Graph) -> int:
@@ -101,8 +103,9 @@ def _match_adapter(node: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node, object]
         up, scale = (lhs, rhs) if isinstance(lhs, fx.Node) and linear_parts(lhs) else (rhs, lhs)
         if not isinstance(up, fx.Node) or len(up.users) != 1:
             return None
-        if isinstance(scale, fx.Node) and scale.meta.get("example_value") is not None and scale.meta["example_value"].numel() != 1:
-            return None
+        scale_value = scale.meta.get("example_value") if isinstance(scale, fx.Node) else scale
+        if isinstance(scale_value, torch.Tensor) and scale_value.numel() != 1:
+            return None  # a per-channel product is not a LoRA scale (under dynamic=True a float scale is a SymFloat input)
     else:
         up = node
     up_parts = linear_parts(up)
