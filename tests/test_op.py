@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from svdq_compile import QuantizedLinear, SVDQuantConfig, w4a4_linear
-from svdq_compile.numerics import quantize_activations
+from formula import w4a4_by_hand
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -37,19 +37,7 @@ def test_op_matches_integer_arithmetic_by_hand(fmt, dtype):
     x = _inputs((2, 7, 192), dtype)
     out = layer(x)
     assert out.dtype == dtype and out.shape == (2, 7, 96)
-    w_q, w_s, s_inv, down, up, bias, gs = _args(layer)
-    x2 = x.reshape(-1, 192)
-    a_q, a_s = quantize_activations(x2.float() * s_inv, gs, two_level=fmt == "int4_2level")
-    if fmt == "int4_2level":
-        acc = a_q.long() @ w_q.long().T
-        main = acc.float() * a_s[:, None] * w_s[None, :]
-    else:
-        main = torch.zeros(x2.shape[0], 96)
-        for g in range(192 // gs):
-            cols = slice(g * gs, (g + 1) * gs)
-            main += (a_q[:, cols].long() @ w_q[:, cols].long().T).float() * a_s[:, g, None] * w_s[None, :, g].float()
-    lowrank = (x2.float() @ down.float().T).to(dtype).float() @ up.float().T
-    expected = (main + lowrank + bias.float()).to(dtype).reshape(2, 7, 96)
+    expected = w4a4_by_hand(x, *_args(layer))
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol * expected.abs().max().item())
 
