@@ -86,6 +86,28 @@ def expand_2level(q: Tensor, mult: Tensor, group_size: int = 64) -> Tensor:
     return (q.to(torch.int16) * mult.to(torch.int16).repeat_interleave(group_size, dim=-1)).to(torch.int8)
 
 
+def split_2level(operand: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Inverse of ``expand_2level``: int4 values and multipliers that expand to ``operand`` exactly.
+
+    Per group, the smallest multiplier m in 1..16 that divides every value with a quotient in
+    [-8, 7]; the multiplier the quantizer chose always qualifies, so a solution exists for every
+    operand ``expand_2level`` made, and it reproduces the operand bit for bit.
+
+    Example:
+        >>> q, m = split_2level(expand_2level(torch.full((1, 64), 3, dtype=torch.int8), torch.tensor([[5]], dtype=torch.uint8)))
+        >>> m.item(), q[0, 0].item()
+        (5, 3)
+    """
+    e = operand.to(torch.int16).unflatten(-1, (-1, group_size))
+    mult = torch.zeros(e.shape[:-1], dtype=torch.int16, device=e.device)
+    for m in range(MULT_MAX, 0, -1):  # descending, so the smallest valid m is written last
+        fits = ((e % m == 0) & (e >= QMIN * m) & (e <= QMAX * m)).all(-1)
+        mult = torch.where(fits, m, mult)
+    if bool((mult == 0).any()):
+        raise ValueError("split_2level: operand is not q * m with q in [-8, 7] and m in 1..16")
+    return (e // mult.unsqueeze(-1)).flatten(-2).to(torch.int8), mult.to(torch.uint8)
+
+
 def quantize_activations(x: Tensor, group_size: int, two_level: bool) -> tuple[Tensor, Tensor]:
     """Run-time activation quantization, per token (row): the int8 GEMM operand and its scales.
 

@@ -117,3 +117,14 @@ def test_config_checks():
     with pytest.raises(ValueError, match="valid options"):
         SVDQuantConfig.from_options({"rnak": 4})
     assert SVDQuantConfig.from_options({"skip": "proj_out"}).skip == ("proj_out",)
+
+
+def test_split_2level_inverts_expand_exactly():
+    x = _outlier_rows(37, 256, seed=6)
+    q, mult, _ = nm.quantize_int4_2level(x, 64)
+    e = nm.expand_2level(q, mult, 64)
+    q2, mult2 = nm.split_2level(e, 64)
+    assert torch.equal(nm.expand_2level(q2, mult2, 64), e)
+    assert int(q2.min()) >= -8 and int(q2.max()) <= 7 and bool((mult2 <= mult).all())
+    with pytest.raises(ValueError, match="not q"):
+        nm.split_2level(torch.full((1, 64), 127, dtype=torch.int8), 64)  # 127 is prime and > 7 * 16
