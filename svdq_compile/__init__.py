@@ -12,3 +12,16 @@ from .ops import w4a4_linear
 from .quantized_linear import CalibrationStats, QuantizedLinear
 
 __all__ = ["SVDQuantConfig", "QuantizedLinear", "CalibrationStats", "w4a4_linear"]
+
+# The torch.compile integration (issue 4): calibration, the Inductor pass, and the SVDQUANT=1 switch.
+import os as _os
+
+from .backend import register_inductor_pass, unregister_inductor_pass
+from .calibration import calibrate
+
+__all__ += ["calibrate", "register_inductor_pass", "unregister_inductor_pass"]
+
+if _os.environ.get("SVDQUANT", "").strip() == "1":
+    # A plain torch.compile(model) then runs the rewrite as Inductor's pre-grad pass (under freezing,
+    # the only place Inductor sees weights). Needs this import before compiling; see docs/backend.md.
+    register_inductor_pass(freeze=True)

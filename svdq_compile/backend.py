@@ -428,10 +428,13 @@ class _FrozenProvider(_Provider):
         nodes = []
         for field_name, tensor in zip(_OPERAND_FIELDS, entry.operands()):
             attr = f"_svdq_{self.count}_{field_name}"
-            # Marked like Inductor's own frozen parameters: the FX-graph cache hashes them by
-            # metadata (values come from this module at load) instead of copying them into the key.
-            tensor._is_frozen_param = True
-            setattr(self.gm, attr, tensor)
+            # A buffer, so AOT autograd lifts it like the weights it replaces: under freezing it
+            # becomes a frozen parameter, hashed by metadata (not value) in the FX-graph cache key.
+            self.gm.register_buffer(attr, tensor)
+            if hasattr(self.gm, "_param_name_to_source"):  # AOT autograd maps each lifted buffer to a source
+                from torch._dynamo.source import ConstantSource
+
+                self.gm._param_name_to_source[attr] = ConstantSource(attr)
             with graph.inserting_after(weight):
                 nodes.append(graph.get_attr(attr))
         self.count += 1
@@ -505,6 +508,11 @@ def register_inductor_pass(options: dict[str, Any] | None = None, freeze: bool =
     config = SVDQuantConfig.from_options(options)
     if freeze:
         inductor_config.freezing = True
+    if hasattr(inductor_config, "pre_grad_pass_timing"):
+        # "late" (torch >= 2.13's default for passes with a uuid) runs pre-grad passes after AOT
+        # autograd has collected the module's parameters, too late to add the quantized tensors
+        # as buffers; "early" is what torch 2.11/2.12 always do.
+        inductor_config.pre_grad_pass_timing = "early"
     current = inductor_config.pre_grad_custom_pass
     existing = [p for p in (current if isinstance(current, (list, tuple)) else [current]) if isinstance(p, SVDQuantInductorPass)]
     if existing:

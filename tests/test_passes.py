@@ -1,0 +1,254 @@
+"""The svdquant FX passes on small hand-written modules: op counts before/after each pass, outputs.
+
+A recording Dynamo backend captures the graph (parameters as inputs, as the real backend sees them);
+the passes then run on it one at a time with a minimal weight provider that quantizes each weight
+with ``QuantizedLinear.from_weight`` and attaches the operands as constants. The rewritten graph runs
+eagerly (the custom op's CPU reference), compared with the same module whose linears are swapped for
+``QuantizedLinear`` in eager mode.
+"""
+
+from __future__ import annotations
+
+import operator
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import fx, nn
+from torch.nn import functional as F
+
+from svdq_compile import QuantizedLinear, SVDQuantConfig
+from svdq_compile.passes.base import W4A4_OP, count_linears, count_w4a4, linear_parts
+from svdq_compile.passes.linear_to_w4a4 import LinearToW4A4Pass
+from svdq_compile.passes.lora_linear_fusion import LoraLinearFusionPass
+from svdq_compile.passes.pass_manager import SVDQPassManager
+
+CONFIG = SVDQuantConfig(rank=8, cache_dir="")
+
+
+class AttrProvider:
+    """Quantizes every weight input that is not a LoRA factor; operands become graph constants."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list) -> None:
+        self.gm = gm
+        self.values = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
+        self.asked: list[fx.Node] = []
+
+    def quantized_nodes(self, graph: fx.Graph, weight: fx.Node):
+        self.asked.append(weight)
+        if "lora_" in weight.name:
+            return None
+        layer = QuantizedLinear.from_weight(self.values[weight], None, CONFIG)
+        fields = {"weight_q": layer.weight_operand(), "weight_scales": layer.scales, "smooth_inv": layer.smooth_inv, "lora_down": layer.lora_down, "lora_up": layer.lora_up}
+        nodes = {}
+        for name, tensor in fields.items():
+            attr = f"q{len(self.asked)}_{name}"
+            self.gm.register_buffer(attr, tensor)
+            with graph.inserting_after(weight):
+                nodes[name] = graph.get_attr(attr)
+        return SimpleNamespace(group_size=CONFIG.group_size, **nodes)
+
+
+def capture(module: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, list]:
+    """The Dynamo graph of ``module(x)`` and its example inputs, via a recording backend."""
+    captured = []
+
+    def record(gm, example_inputs):
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(module, backend=record, fullgraph=True)(x)
+    torch._dynamo.reset()
+    (graph_and_inputs,) = captured
+    return graph_and_inputs
+
+
+def op_counts(graph: fx.Graph) -> dict[str, int]:
+    dropouts = sum(1 for n in graph.nodes if n.op == "call_function" and n.target in (F.dropout, torch.dropout))
+    cats = sum(1 for n in graph.nodes if n.op == "call_function" and n.target is torch.cat)
+    return {"linear": count_linears(graph), "w4a4": count_w4a4(graph), "dropout": dropouts, "cat": cats}
+
+
+def run_pass_by_pass(module: nn.Module, x: torch.Tensor, passes=(LoraLinearFusionPass, LinearToW4A4Pass)):
+    """Counts before and after each pass, and the rewritten graph's output on ``x``."""
+    gm, inputs = capture(module, x)
+    provider = AttrProvider(gm, inputs)
+    counts = {"before": op_counts(gm.graph)}
+    for cls in passes:
+        cls(provider)(gm.graph)
+        counts[cls.__name__] = op_counts(gm.graph)
+    gm.recompile()
+    with torch.no_grad():
+        out = gm(*inputs)
+    return counts, out[0] if isinstance(out, (tuple, list)) else out
+
+
+def swapped(module: nn.Module) -> nn.Module:
+    """``module`` with every non-LoRA nn.Linear replaced by its QuantizedLinear (eager reference)."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and not name.startswith("lora_") and not isinstance(parent, nn.ModuleDict):
+                setattr(parent, name, QuantizedLinear.from_linear(child, CONFIG))
+    return module
+
+
+def with_outliers(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    x[..., 3] *= 25.0  # an outlier channel, as diffusion activations have
+    return x
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
+
+
+class Mlp(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(128, 192, bias=bias)
+        self.down = nn.Linear(192, 64, bias=bias)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+def lora_model(adapters: dict[str, float], targets=("up", "down")) -> nn.Module:
+    """An Mlp with peft LoRA adapters named by ``adapters`` ({name: lora_dropout}), all active."""
+    torch.manual_seed(0)
+    model = Mlp(bias=True).eval()
+    for i, (name, dropout) in enumerate(adapters.items()):
+        cfg = LoraConfig(r=4 + 4 * i, lora_alpha=8, target_modules=list(targets), lora_dropout=dropout, init_lora_weights=False)
+        model = inject_adapter_in_model(cfg, model, adapter_name=name)
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.set_adapter(list(adapters))
+    return model.eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(6, 128), (2, 5, 128), (2, 3, 4, 128)])
+def test_linear_pass_rewrites_every_linear(bias, shape):
+    torch.manual_seed(0)
+    model = Mlp(bias).eval()
+    x = with_outliers(*shape)
+    counts, out = run_pass_by_pass(model, x, passes=(LinearToW4A4Pass,))
+    assert counts["before"] == {"linear": 2, "w4a4": 0, "dropout": 0, "cat": 0}
+    assert counts["LinearToW4A4Pass"] == {"linear": 0, "w4a4": 2, "dropout": 0, "cat": 0}
+    with torch.no_grad():
+        ref = swapped(model)(x)
+    assert out.shape == ref.shape == (*shape[:-1], 64)
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_linear_pass_keeps_declined_linears_and_bias_argument():
+    torch.manual_seed(0)
+    model = Mlp(bias=True).eval()
+    gm, inputs = capture(model, with_outliers(4, 128))
+    declined = SimpleNamespace(quantized_nodes=lambda graph, weight: None)
+    assert LinearToW4A4Pass(declined)(gm.graph) == 0
+    assert op_counts(gm.graph)["linear"] == 2
+    provider = AttrProvider(gm, inputs)
+    assert LinearToW4A4Pass(provider)(gm.graph) == 2
+    biases = [n.args[6] for n in gm.graph.nodes if n.op == "call_function" and n.target is W4A4_OP]
+    assert all(b is not None and b.op == "placeholder" for b in biases)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_pass_fuses_one_adapter(dropout):
+    model = lora_model({"a": dropout})
+    x = with_outliers(2, 5, 128)
+    counts, out = run_pass_by_pass(model, x)
+    n_dropout = 2 if dropout else 0
+    assert counts["before"] == {"linear": 6, "w4a4": 0, "dropout": n_dropout, "cat": 0}
+    assert counts["LoraLinearFusionPass"] == {"linear": 0, "w4a4": 2, "dropout": 0, "cat": 4}
+    assert counts["LinearToW4A4Pass"] == counts["LoraLinearFusionPass"]
+    with torch.no_grad():
+        lora_out = model(x)
+        ref = swapped(model)(x)  # peft's base_layer swapped; the adapters still run in eager
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, lora_out) > 1e-3  # quantized for real
+
+
+def test_lora_pass_fuses_two_adapters_in_one_op():
+    model = lora_model({"a": 0.1, "b": 0.0})
+    x = with_outliers(3, 128)
+    counts, out = run_pass_by_pass(model, x)
+    assert counts["before"]["linear"] == 2 * 5
+    assert counts["LoraLinearFusionPass"] == {"linear": 0, "w4a4": 2, "dropout": 0, "cat": 4}
+    ops = [n for n in capture_fused_graph(model, x).nodes if n.op == "call_function" and n.target is W4A4_OP]
+    # the low-rank operand of each fused op is a cat of the layer's own factors and both adapters
+    assert all(len(op.args[4].args[0]) == 3 and len(op.args[5].args[0]) == 3 for op in ops)
+    with torch.no_grad():
+        ref = swapped(model)(x)
+    assert rel_err(out, ref) < 1e-5
+
+
+def capture_fused_graph(model: nn.Module, x: torch.Tensor) -> fx.Graph:
+    gm, inputs = capture(model, x)
+    LoraLinearFusionPass(AttrProvider(gm, inputs))(gm.graph)
+    return gm.graph
+
+
+def test_lora_with_training_dropout_stays_a_separate_branch():
+    model = lora_model({"a": 0.5}, targets=("up",))
+    model.up.lora_dropout["a"].train()  # a live dropout is not the identity: no fusion
+    counts, _ = run_pass_by_pass(model, with_outliers(4, 128))
+    assert counts["LoraLinearFusionPass"]["w4a4"] == 0
+    assert counts["LinearToW4A4Pass"] == {"linear": 2, "w4a4": 2, "dropout": 1, "cat": 0}
+
+
+def test_lora_scale_and_branch_order_do_not_matter():
+    # scale * B(A(x)) + base: the mul's operands and the add's operands swapped
+    class Hand(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Linear(128, 64)
+            self.a = nn.Linear(128, 4, bias=False)
+            self.b = nn.Linear(4, 64, bias=False)
+
+        def forward(self, x):
+            return 0.25 * self.b(self.a(x)) + self.base(x)
+
+    torch.manual_seed(0)
+    model = Hand().eval()
+    x = with_outliers(5, 128)
+    gm, inputs = capture(model, x)
+    assert LoraLinearFusionPass(AttrProvider(gm, inputs))(gm.graph) == 1
+    assert op_counts(gm.graph) == {"linear": 0, "w4a4": 1, "dropout": 0, "cat": 2}
+    gm.recompile()
+    with torch.no_grad():
+        out = gm(*inputs)[0]
+        ql = QuantizedLinear.from_linear(model.base, CONFIG)
+        ref = ql(x) + 0.25 * model.b(model.a(x))
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_pass_manager_order_and_flags():
+    model = lora_model({"a": 0.0})
+    x = with_outliers(4, 128)
+    gm, inputs = capture(model, x)
+    counts = SVDQPassManager(CONFIG, AttrProvider(gm, inputs))(gm.graph)
+    assert counts == {"LoraLinearFusionPass": 2, "LinearToW4A4Pass": 0}
+    gm, inputs = capture(model, x)
+    no_fusion = SVDQuantConfig(rank=8, cache_dir="", fuse_lora=False)
+    counts = SVDQPassManager(no_fusion, AttrProvider(gm, inputs))(gm.graph)
+    assert counts == {"LinearToW4A4Pass": 2}
+    assert op_counts(gm.graph)["linear"] == 4  # the adapters stay 16-bit linears
+    assert SVDQPassManager(CONFIG, None).uuid(CONFIG) != SVDQPassManager(no_fusion, None).uuid(no_fusion)
+
+
+def test_pass_uuid_hashes_the_pass_source():
+    assert LinearToW4A4Pass.uuid() == LinearToW4A4Pass.uuid()
+    assert len({LinearToW4A4Pass.uuid(), LoraLinearFusionPass.uuid()}) == 2
+
+
+def test_linear_parts_reads_kwargs_and_rejects_constants():
+    g = fx.Graph()
+    x, w, b = g.placeholder("x"), g.placeholder("w"), g.placeholder("b")
+    assert linear_parts(g.call_function(F.linear, (x,), {"weight": w, "bias": b})) == (x, w, b)
+    assert linear_parts(g.call_function(F.linear, (x, torch.ones(2, 2)))) is None
+    assert linear_parts(g.call_function(operator.add, (x, w))) is None
