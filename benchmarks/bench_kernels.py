@@ -224,22 +224,23 @@ def sweep_configs(gen: torch.Generator) -> None:
             try:
                 ms = do_bench(call, warmup=10, rep=50, return_mode="median")
             except Exception as exc:
-                results.append(f"{cfg}: {type(exc).__name__}")
+                results.append(f"{cfg}: {type(exc).__name__}: {str(exc)[:300]}")
                 continue
             results.append(f"{2 * m * n * k / (ms * 1e-3) / 1e12:7.0f} TOPS {ms * 1e3:8.1f} us  {cfg}")
         print(f"sweep {m}x{n}x{k}:\n  " + "\n  ".join(results), flush=True)
         del layer
 
 
-QUANTIZE_SWEEP = [(bm, bk, w, st) for bm, bk in ((16, 256), (32, 256), (64, 128), (32, 128), (16, 512)) for w, st in ((4, 3), (8, 3), (4, 4))]
+QUANTIZE_SWEEP = [(16, 256, 4, 4, 0), (16, 256, 8, 4, 0), (16, 512, 8, 3, 0), (32, 256, 4, 4, 0), (32, 256, 8, 4, 0),
+                  (16, 128, 4, 4, 0), (16, 256, 4, 4, 1), (16, 256, 4, 4, 2)]
 
 
 def sweep_quantize(gen: torch.Generator, bandwidth: float, l2_bytes: int) -> None:
     """% of copy bandwidth of the quantize kernel per launch shape, rank 32 and 0, both formats."""
     from svdq_compile.kernels.quantize_act_lowrank_down import QuantizeConfig
 
-    for m, k in ((4096, 3072), (4608, 3072), (4096, 12288), (4608, 15360)):
-        xs = [(torch.randn(m, k, generator=gen, device="cuda") * 3).bfloat16() for _ in range(max(1, math.ceil(3 * l2_bytes / (m * k * 2))))]
+    for m, k in ((77, 3072), (256, 15360), (4096, 3072), (4608, 15360)):
+        xs = [(torch.randn(m, k, generator=gen, device="cuda") * 3).bfloat16() for _ in range(max(1, min(32, math.ceil(3 * l2_bytes / (m * k * 2)))))]
         down = (torch.randn(RANK, k, generator=gen, device="cuda") / k**0.5).bfloat16()
         ones = torch.ones(k, device="cuda")
         results = []
@@ -249,7 +250,7 @@ def sweep_quantize(gen: torch.Generator, bandwidth: float, l2_bytes: int) -> Non
                 try:
                     ms = time_rotating(lambda i: lambda: quantize_act_lowrank_down(xs[i], ones, down[:rank], GROUP, two_level, QuantizeConfig(*cfg)), len(xs))
                 except Exception as exc:
-                    results.append(f"rank {rank} 2level {two_level} {cfg}: {type(exc).__name__}")
+                    results.append(f"rank {rank} 2level {two_level} {cfg}: {type(exc).__name__}: {str(exc)[:300]}")
                     continue
                 results.append(f"{100 * q_bytes / (ms * 1e-3) / bandwidth:5.1f}% {ms * 1e3:7.1f} us rank {rank} 2level {two_level} {cfg}")
         print(f"quantize sweep {m}x{k}:\n  " + "\n  ".join(results), flush=True)

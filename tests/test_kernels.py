@@ -34,6 +34,7 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved_interpret
 
 from svdq_compile import numerics  # noqa: E402
+from test_kernels_gpu import near_tie_rows  # noqa: E402  (tests/ is on sys.path: it holds conftest.py)
 
 FP32_EPS = 2.0**-24  # unit roundoff
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
@@ -118,6 +119,45 @@ def test_quantize_edge_rows(two_level):
     assert not torch.isfinite(lora_act[[5, 11]]).all(dim=1).any() and torch.isfinite(lora_act[2]).all()
     one_q, one_scales, _ = qk.quantize_act_lowrank_down(x[7:8], smooth_inv, lora_down, 64, two_level)
     assert torch.equal(one_q, ref_q[7:8]) and torch.equal(one_scales, ref_scales[7:8])
+
+
+@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+@pytest.mark.parametrize(
+    "config",
+    [qk.QuantizeConfig(16, 64, 4, 2, k_split=3), qk.QuantizeConfig(32, 128, 4, 2, k_split=2), qk.QuantizeConfig(16, 128, 4, 2, k_split=5)],
+    ids=lambda c: f"m{c.block_m}k{c.block_k}s{c.k_split}",
+)
+def test_quantize_k_slices(config, two_level):
+    """K sliced over programs (small M): slice-local quantization, whole-row max, ordered partial sums."""
+    gen = torch.Generator().manual_seed(_seed(config, two_level))
+    m, k, rank = 21, 64 * 5, 24
+    x = _outlier_input(m, k, torch.float16, gen)
+    smooth_inv = 0.25 + torch.rand(k, generator=gen)
+    lora_down = (torch.randn(rank, k, generator=gen) / k**0.5).half()
+    ref_q, ref_scales, ref_lora = qk.quantize_act_lowrank_down_reference(x, smooth_inv, lora_down, 64, two_level)
+    for _ in range(2):  # the second launch checks that the arrival counters were left at zero
+        act_q, scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level, config)
+        assert torch.equal(act_q, ref_q) and torch.equal(scales, ref_scales)
+        bound = k * FP32_EPS * (x.float().abs() @ lora_down.float().abs().T) + _ulp_bound(ref_lora.float(), torch.float16)
+        assert ((lora_act.float() - ref_lora.float()).abs() <= bound).all()
+
+
+def test_quantize_near_ties_and_random_quotients():
+    """The kernel's quotient (reciprocal + one fma correction) rounds like torch's division."""
+    gen = torch.Generator().manual_seed(11)
+    m, k = 64, 64 * 16
+    x = (torch.randn(m, k, generator=gen) * torch.exp(4 * torch.randn(m, 1, generator=gen))).float()
+    smooth_inv = torch.exp(torch.randn(k, generator=gen))
+    empty = torch.zeros(0, k)
+    for two_level in (True, False):
+        ties = near_tie_rows(16, k, two_level, gen)
+        act_q, _, _ = qk.quantize_act_lowrank_down(ties, torch.ones(k), empty, 64, two_level, qk.QuantizeConfig(16, 256, 4, 2))
+        ref_q, _, _ = qk.quantize_act_lowrank_down_reference(ties, torch.ones(k), empty, 64, two_level)
+        assert torch.equal(act_q, ref_q)
+    for two_level in (True, False):
+        act_q, scales, _ = qk.quantize_act_lowrank_down(x, smooth_inv, empty, 64, two_level, qk.QuantizeConfig(64, 256, 4, 2))
+        ref_q, ref_scales, _ = qk.quantize_act_lowrank_down_reference(x, smooth_inv, empty, 64, two_level)
+        assert torch.equal(act_q, ref_q) and torch.equal(scales, ref_scales)
 
 
 def _gemm_inputs(m: int, n: int, k: int, rank: int, dtype: torch.dtype, two_level: bool, with_bias: bool, gen: torch.Generator):

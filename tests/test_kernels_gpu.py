@@ -54,6 +54,29 @@ def _poison(*shapes_and_dtypes: tuple[tuple[int, ...], torch.dtype]) -> None:
     del probe
 
 
+def near_tie_rows(rows: int, k: int, two_level: bool, gen: torch.Generator) -> torch.Tensor:
+    """fp32 tokens whose quotients land on or within 3 ulp of h + 0.5, for h = -8..6.
+
+    Group 0 holds the row max; every other group holds its own max and near-tie entries. A product
+    with the rounded reciprocal instead of a division mis-rounds several of these.
+    """
+    x = torch.zeros(rows, k)
+    ulps = torch.arange(-3, 4, dtype=torch.float32)
+    for r in range(rows):
+        row_max = float(torch.empty(()).uniform_(50, 100, generator=gen))
+        x[r, 0] = row_max
+        s1 = torch.tensor(row_max) / 112
+        for g in range(1, k // 64):
+            group_max = torch.tensor(float(torch.empty(()).uniform_(1, row_max, generator=gen)))
+            step = s1 * torch.ceil(group_max / (s1 * 7)) if two_level else group_max / 7
+            h = torch.randint(-8, 7, (8,), generator=gen).float() + 0.5
+            ties = h[:, None] * step
+            near = (ties + ulps[None, :] * torch.finfo(torch.float32).eps * ties.abs()).flatten()[:63]
+            x[r, g * 64] = group_max
+            x[r, g * 64 + 1 : g * 64 + 1 + near.numel()] = near.clamp(-float(group_max), float(group_max))
+    return x
+
+
 def _gemm_inputs(m, n, k, rank, dtype, two_level, gen):
     x = _outlier_input(m, k, torch.float32, gen)
     act_q, act_scales = numerics.quantize_activations(x, 64, two_level)
@@ -114,6 +137,18 @@ def test_quantize_act_lowrank_down_flux_shapes(two_level, m, k):
     bound = k * FP32_EPS * (x.float().abs() @ lora_down.float().abs().T) + _ulp_bound(ref_lora.float(), torch.bfloat16)
     assert ((lora_act.float() - ref_lora.float()).abs() <= bound)[finite].all()
     assert torch.equal(torch.isfinite(lora_act).all(dim=1), finite)
+
+
+@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+def test_quantize_near_ties(two_level):
+    """Quotients on and next to .5: the compiled reciprocal + fma correction rounds like division."""
+    from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down, quantize_act_lowrank_down_reference
+
+    x = near_tie_rows(64, 64 * 48, two_level, torch.Generator().manual_seed(_seed("ties", two_level))).cuda()
+    empty = torch.zeros(0, x.shape[1], device="cuda")
+    act_q, _, _ = quantize_act_lowrank_down(x, torch.ones(x.shape[1], device="cuda"), empty, 64, two_level)
+    ref_q, _, _ = quantize_act_lowrank_down_reference(x, torch.ones(x.shape[1], device="cuda"), empty, 64, two_level)
+    assert torch.equal(act_q, ref_q)
 
 
 @pytest.mark.parametrize("rank", [16, 48, 128, 256, 272])

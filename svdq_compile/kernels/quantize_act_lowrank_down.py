@@ -7,10 +7,13 @@ low-rank down projection, reading each token tile of ``x`` once from DRAM.
 * ``act_scales``: fp32 [M] row scales ``s1`` (two-level) or fp32 [M, K / group_size] group scales;
 * ``lora_act`` [M, R] in x's dtype: ``x @ lora_down^T`` accumulated in fp32, then cast.
 
-Bit-for-bit the integers of ``numerics.quantize_activations`` (same fp32 operations, divisions
+Bit-for-bit the integers of ``numerics.quantize_activations`` (same fp32 operations, quotients
 correctly rounded, round half to even). The two-level format needs the row maximum before any group
 can be quantized, so each program makes two sweeps over its rows: the first (row max and the
 low-rank dot) reads DRAM, the second re-reads the same rows shortly after, mostly from L2.
+With few token rows (small M) the K axis is sliced too, so that every SM has work: each slice
+program quantizes its slice, computes the row max over the whole row (two-level; L2 hits), and
+writes fp32 partial low-rank sums, which the last program of the row block adds in slice order.
 """
 
 from __future__ import annotations
@@ -31,39 +34,52 @@ def _max_propagate_nan(a, b):
 
 
 @triton.jit
-def _round_clamp(v):
-    """round half to even, clamp to [QMIN, QMAX], NaN -> 0 (as numerics._round_clamp)."""
-    v = tl.where(v != v, 0.0, v)
-    v = tl.minimum(tl.maximum(v, -9.0), 9.0)  # clamping first keeps the magic-number rounding exact
-    v = (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds |v| < 2**22 half to even in fp32
-    return tl.minimum(tl.maximum(v, -8.0), 7.0)
+def _divide(x, d, d_inv):
+    """``x / d`` correctly rounded (as IEEE division) from ``d_inv = 1 / d`` correctly rounded.
+
+    One Markstein correction step: the fma residual is exact, and the corrected quotient is the
+    rounded quotient (for normal ``d``; scales below ~1e-37 would need a division). Three
+    instructions per element instead of a full division.
+    """
+    q = x * d_inv
+    return tl.fma(tl.fma(-q, d, x), d_inv, q)
+
+
+@triton.jit
+def _round_int4(v):
+    """Clamp to [QMIN, QMAX], then round half to even (= rounding, then clamping, for any finite v)."""
+    v = tl.minimum(tl.maximum(v, -8.0), 7.0)
+    return (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds |v| < 2**22 half to even in fp32
 
 
 @triton.jit
 def _quantize_act_lowrank_down_kernel(
-    x_ptr, smooth_ptr, down_ptr, q_ptr, scale_ptr, lora_ptr,
-    M, K, R,
+    x_ptr, smooth_ptr, down_ptr, q_ptr, scale_ptr, lora_ptr, partial_ptr, count_ptr,
+    M, K, R, K_PER_SPLIT,
     GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, HAS_LORA: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_SPLIT: tl.constexpr,
 ):
+    """Program (i, j): token rows [i * BLOCK_M, ...), K slice j of K_SPLIT (K_PER_SPLIT wide)."""
     NUM_GROUPS: tl.constexpr = BLOCK_K // GROUP
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_r = tl.arange(0, BLOCK_R)
     rows = offs_m.to(tl.int64)[:, None] * K
+    num_groups_k = K // GROUP
+    k_begin = split * K_PER_SPLIT
+    k_end = min(k_begin + K_PER_SPLIT, K)
     lora_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     row_max = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    num_groups_k = K // GROUP
 
-    # Sweep 1: the low-rank dot on the raw x, and (two-level) the row max of the smoothed x.
-    # The float-group format quantizes in this same sweep: its scales are local to a group.
-    for k0 in range(0, K, BLOCK_K):
+    # Sweep 1 over this program's K slice: the low-rank dot on the raw x and (two-level) the row
+    # max of the smoothed x; the float-group format quantizes here too (its scales are group-local).
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        mask = mask_m[:, None] & mask_k[None, :]
-        x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask, other=0.0)
+        mask_k = offs_k < k_end
+        x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_LORA:
             down = tl.load(down_ptr + offs_r[:, None] * K + offs_k[None, :], mask=(offs_r[:, None] < R) & mask_k[None, :], other=0.0)
             lora_acc = tl.dot(x.to(DOT_DTYPE), tl.trans(down.to(DOT_DTYPE)), lora_acc, input_precision=DOT_PRECISION)
@@ -74,33 +90,69 @@ def _quantize_act_lowrank_down_kernel(
             xg = tl.reshape(xs, (BLOCK_M, NUM_GROUPS, GROUP))
             scale = tl.math.div_rn(tl.reduce(tl.abs(xg), 2, _max_propagate_nan), 7.0)
             safe = tl.where(scale == 0.0, 1.0, scale)
-            q = _round_clamp(tl.math.div_rn(xg, safe[:, :, None]))
+            q = _round_int4(_divide(xg, safe[:, :, None], tl.math.div_rn(1.0, safe)[:, :, None]))
+            # A NaN or Inf in the group makes its scale non-finite, and all its q are 0 (numerics).
+            q = tl.where((tl.abs(scale) < float("inf"))[:, :, None], q, 0.0)
+            mask = mask_m[:, None] & mask_k[None, :]
             tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)).to(tl.int8), mask=mask)
             offs_g = k0 // GROUP + tl.arange(0, NUM_GROUPS)
             tl.store(scale_ptr + offs_m.to(tl.int64)[:, None] * num_groups_k + offs_g[None, :], scale,
-                     mask=mask_m[:, None] & (offs_g[None, :] < num_groups_k))
+                     mask=mask_m[:, None] & (offs_g[None, :] < k_end // GROUP))
 
     if TWO_LEVEL:
+        if K_SPLIT > 1:  # the row max needs the rest of the row too (L2 hits: the rows are small)
+            for k0 in range(0, k_begin, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+                xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k)[None, :]
+                row_max = _max_propagate_nan(row_max, tl.reduce(tl.abs(xs), 1, _max_propagate_nan))
+            for k0 in range(k_end, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+                row_max = _max_propagate_nan(row_max, tl.reduce(tl.abs(xs), 1, _max_propagate_nan))
         s1 = tl.math.div_rn(row_max, 112.0)  # QMAX * MULT_MAX
-        tl.store(scale_ptr + offs_m, s1, mask=mask_m)
+        if split == 0:
+            tl.store(scale_ptr + offs_m, s1, mask=mask_m)
         s1_safe = tl.where(s1 == 0.0, 1.0, s1)
+        # A NaN or Inf in the token makes s1 non-finite, and all its q are 0 (numerics).
+        row_finite = (tl.abs(s1) < float("inf"))[:, None, None]
         mult_divisor = (s1_safe * 7.0)[:, None]
-        # Sweep 2: quantize. The rows were read moments ago by this program: mostly L2 hits.
-        for k0 in range(0, K, BLOCK_K):
+        # Sweep 2: quantize this slice. The program read these rows moments ago: mostly L2 hits.
+        for k0 in range(k_begin, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = mask_m[:, None] & (offs_k[None, :] < K)
+            mask_k = offs_k < k_end
+            mask = mask_m[:, None] & mask_k[None, :]
             x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask, other=0.0)
-            xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=0.0)[None, :]
+            xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
             xg = tl.reshape(xs, (BLOCK_M, NUM_GROUPS, GROUP))
             group_max = tl.reduce(tl.abs(xg), 2, _max_propagate_nan)
-            mult = tl.ceil(tl.math.div_rn(group_max, mult_divisor))
-            mult = tl.minimum(tl.maximum(tl.where(mult != mult, 1.0, mult), 1.0), 16.0)
-            q = _round_clamp(tl.math.div_rn(xg, (s1_safe[:, None] * mult)[:, :, None]))
-            tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q * mult[:, :, None], (BLOCK_M, BLOCK_K)).to(tl.int8), mask=mask)
+            mult = tl.minimum(tl.maximum(tl.ceil(tl.math.div_rn(group_max, mult_divisor)), 1.0), 16.0)
+            step = s1_safe[:, None] * mult
+            q = _round_int4(_divide(xg, step[:, :, None], tl.math.div_rn(1.0, step)[:, :, None]))
+            q = tl.where(row_finite, q * mult[:, :, None], 0.0)
+            tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)).to(tl.int8), mask=mask)
 
     if HAS_LORA:
+        lora_mask = mask_m[:, None] & (offs_r[None, :] < R)
         lora_ptrs = lora_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-        tl.store(lora_ptrs, lora_acc.to(lora_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < R))
+        if K_SPLIT == 1:
+            tl.store(lora_ptrs, lora_acc.to(lora_ptr.dtype.element_ty), mask=lora_mask)
+        else:
+            # Partial sums of the K slices go to [K_SPLIT, M, BLOCK_R]; the last program of these
+            # rows adds them in slice order (deterministic) and stores the result.
+            partial_rows = offs_m.to(tl.int64)[:, None] * BLOCK_R + offs_r[None, :]
+            tl.store(partial_ptr + split * M * BLOCK_R + partial_rows, lora_acc, mask=mask_m[:, None])
+            tl.debug_barrier()  # every thread's partial sums are written before the counter moves
+            arrived = tl.atomic_add(count_ptr + pid_m, 1, sem="acq_rel")
+            if arrived == K_SPLIT - 1:
+                tl.debug_barrier()
+                total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for j in range(0, K_SPLIT):
+                    total += tl.load(partial_ptr + j * M * BLOCK_R + partial_rows, mask=mask_m[:, None], other=0.0, cache_modifier=".cg")
+                tl.store(lora_ptrs, total.to(lora_ptr.dtype.element_ty), mask=lora_mask)
+                tl.atomic_xchg(count_ptr + pid_m, 0)  # leave the counters zeroed for the next launch
 
 
 _MAX_FUSED_RANK = 256
@@ -123,21 +175,23 @@ def _check_args(x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeConfig:
-    """Launch shape of the quantize kernel: token rows per program, K chunk, warps, pipeline depth.
+    """Launch shape of the quantize kernel: token rows per program, K chunk, warps, pipeline depth,
+    and K slices per row block (0: enough slices for about two programs per SM).
 
     Example:
-        >>> QuantizeConfig(32, 256, 4, 3).block_m
-        32
+        >>> QuantizeConfig(16, 256, 4, 4).k_split
+        0
     """
 
     block_m: int
     block_k: int
     num_warps: int
     num_stages: int
+    k_split: int = 0
 
 
 def default_quantize_config(m: int, k: int, rank: int, group_size: int) -> QuantizeConfig:
-    """The launch shape used unless one is given (chosen from the H100 sweep in KERNEL_NOTES.md).
+    """The launch shape used unless one is given (chosen from the H100 sweeps in KERNEL_NOTES.md).
 
     Example:
         >>> default_quantize_config(4096, 3072, 32, 64).block_k
@@ -145,7 +199,30 @@ def default_quantize_config(m: int, k: int, rank: int, group_size: int) -> Quant
     """
     block_r = max(16, triton.next_power_of_2(rank))
     # The [BLOCK_R, BLOCK_K] tile of lora_down is the largest operand: keep it near 32 KB.
-    return QuantizeConfig(32, max(group_size, min(256, 16384 // block_r)), 4, 3)
+    return QuantizeConfig(16, max(group_size, min(256, 16384 // block_r)), 4, 4)
+
+
+_counters: dict[torch.device, Tensor] = {}
+_sm_counts: dict[torch.device, int] = {}
+
+
+def _zeroed_counters(device: torch.device, count: int) -> Tensor:
+    """Per-row-block arrival counters; every launch leaves them zeroed again."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _counters[device] = counters
+    return counters
+
+
+def _k_split(cfg: QuantizeConfig, m: int, k: int, device: torch.device) -> int:
+    if cfg.k_split:
+        return min(cfg.k_split, triton.cdiv(k, cfg.block_k))
+    if device not in _sm_counts:
+        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    # Few token rows (small M) would leave most SMs idle: slice K until about two programs per SM.
+    wanted = triton.cdiv(2 * _sm_counts[device], triton.cdiv(m, cfg.block_m))
+    return max(1, min(wanted, triton.cdiv(k, cfg.block_k)))
 
 
 def quantize_act_lowrank_down(
@@ -189,14 +266,21 @@ def quantize_act_lowrank_down(
     # dtypes and under the CPU interpreter, whose bf16 dot is wrong (Triton 3.9 reads raw bits).
     dot_dtype = x2d.dtype if lora_down.dtype == x2d.dtype and x2d.is_cuda else torch.float32
     cfg = config or default_quantize_config(m, k, rank, group_size)
-    if cfg.block_k % group_size:
-        raise ValueError(f"quantize_act_lowrank_down: block_k = {cfg.block_k} must be a multiple of group_size = {group_size}")
-    _quantize_act_lowrank_down_kernel[(triton.cdiv(m, cfg.block_m),)](
-        x2d, smooth_inv.float().contiguous(), lora_down.contiguous(), act_q, act_scales, lora_act,
-        m, k, rank,
+    if cfg.block_k % group_size or cfg.block_m < 16:
+        raise ValueError(f"quantize_act_lowrank_down: block_k = {cfg.block_k} must be a multiple of group_size = {group_size} and block_m >= 16")
+    block_r = max(16, triton.next_power_of_2(rank))
+    row_blocks = triton.cdiv(m, cfg.block_m)
+    k_split = _k_split(cfg, m, k, x2d.device) if rank else 1
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), k_split) * cfg.block_k
+    k_split = triton.cdiv(k, k_per_split)
+    partials = torch.empty((k_split, m, block_r) if k_split > 1 else (1,), dtype=torch.float32, device=x2d.device)
+    counters = _zeroed_counters(x2d.device, row_blocks) if k_split > 1 else partials
+    _quantize_act_lowrank_down_kernel[(row_blocks, k_split)](
+        x2d, smooth_inv.float().contiguous(), lora_down.contiguous(), act_q, act_scales, lora_act, partials, counters,
+        m, k, rank, k_per_split,
         GROUP=group_size, TWO_LEVEL=two_level, HAS_LORA=rank > 0,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype], DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r, K_SPLIT=k_split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return act_q, act_scales, lora_act

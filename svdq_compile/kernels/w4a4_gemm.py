@@ -72,7 +72,7 @@ def _w4a4_gemm_kernel(
                 k_ok = (kt * BLOCK_K + offs_k) < K
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
-            acc = tl.dot(a, tl.trans(w), acc)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if SPLIT_K == 1:
@@ -99,7 +99,7 @@ def _w4a4_gemm_kernel(
         for g in range(0, num_groups):
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
-            dot = tl.dot(a, tl.trans(w)).to(tl.float32)
+            dot = tl.dot(a, tl.trans(w), out_dtype=tl.int32).to(tl.float32)
             sa = tl.load(sa_ptr + rows_a * num_groups + g)
             sw = tl.load(sw_ptr + rows_w * num_groups + g).to(tl.float32)
             out += dot * sa[:, None] * sw[None, :]
