@@ -38,6 +38,7 @@ graph inputs and the pass leaves the graph unchanged (it says so once). ``SVDQUA
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import logging
 import os
@@ -95,6 +96,8 @@ _QUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # Parameters that some compiled graph reads in 16-bit: never freed.
 _READ_IN_16BIT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _warned_no_calibration = False
+# The summaries of the latest compiles, newest last (for inspection in notebooks and tests).
+recent_summaries: collections.deque[CompileSummary] = collections.deque(maxlen=64)
 
 
 def quantize_weight(weight: Tensor, name: str, config: SVDQuantConfig, config_id: str) -> QuantizedWeight:
@@ -398,6 +401,7 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
     compiled = compile_fx(gm, [*example_inputs, *provider.extra_inputs], config_patches=patches)
     summary.compile_seconds = time.perf_counter() - start
     summary.report(free_weights=config.free_weights)
+    recent_summaries.append(summary)
     if not provider.layers:
         return compiled
     return _RuntimeCall(compiled, provider.layers, config, provider.config_id)
@@ -474,6 +478,7 @@ class SVDQuantInductorPass(CustomGraphPass):  # type: ignore[misc]
                             "Set torch._inductor.config.freezing = True (under torch.no_grad()) or use backend='svdquant'.")
             if summary.layers:
                 summary.report(free_weights=False)
+                recent_summaries.append(summary)
         if self.previous is not None:
             self.previous(graph)
 

@@ -1,0 +1,380 @@
+"""The ``svdquant`` torch.compile backend on tiny random diffusers models (CPU, fp32).
+
+Each model is compiled once per module (fixtures) with backend="svdquant", fullgraph=True, and
+checked against (a) the same model with its eligible linears swapped for ``QuantizedLinear`` in
+eager mode (tight: the rewrite must compute exactly that) and (b) the fp32 model (within
+quantization error, and not equal to it). Inductor's CPU compile is the slow part, so the compile
+worker pool is off (one process is faster on a 2-core machine) and compiled models are reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import fnmatch
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from safetensors.torch import save_file
+from torch import nn
+
+import svdq_compile
+from svdq_compile import QuantizedLinear, SVDQuantConfig
+from svdq_compile import backend as svdq_backend
+from svdq_compile.passes.base import W4A4_OP
+
+OPTIONS = {"cache_dir": ""}
+CONFIG = SVDQuantConfig(**OPTIONS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _inductor_in_process():
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
+    torch._dynamo.reset()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (torch.linalg.vector_norm(a.float() - b.float()) / torch.linalg.vector_norm(b.float())).item()
+
+
+def eligible(name: str, linear: nn.Linear) -> bool:
+    """The documented rule: not matched by a skip glob, K a multiple of 64, N >= 16."""
+    n, k = linear.weight.shape
+    return not any(fnmatch.fnmatchcase(name, g) for g in CONFIG.skip) and k % CONFIG.group_size == 0 and n >= 16
+
+
+def eligible_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and "lora_" not in name and eligible(name.replace(".base_layer", ""), m)}
+
+
+def swap_to_quantized(model: nn.Module) -> nn.Module:
+    """The eager reference: every eligible linear (peft's base_layer for LoRA layers) -> QuantizedLinear."""
+    targets = eligible_linears(model)
+    for name, linear in targets.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, QuantizedLinear.from_linear(linear, CONFIG))
+    return model
+
+
+def gen(seed: int = 1) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def flux_model(double: int = 1, single: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def flux_inputs(h: int = 4, w: int = 4, text: int = 8) -> dict:
+    g = gen()
+    grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2).float()
+    img_ids = torch.cat([torch.zeros(h * w, 1), grid], 1)
+    return dict(hidden_states=torch.randn(1, h * w, 16, generator=g), encoder_hidden_states=torch.randn(1, text, 64, generator=g), pooled_projections=torch.randn(1, 64, generator=g), timestep=torch.tensor([0.5]), img_ids=img_ids, txt_ids=torch.zeros(text, 3), return_dict=False)
+
+
+def pixart_model() -> nn.Module:
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=64, caption_channels=64, norm_type="ada_norm_single", use_additional_conditions=False).eval()
+
+
+def pixart_inputs() -> dict:
+    g = gen()
+    return dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 8, 64, generator=g), timestep=torch.tensor([500]), added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+
+
+def sd3_model() -> nn.Module:
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64, out_channels=4).eval()
+
+
+def sd3_inputs() -> dict:
+    g = gen()
+    return dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 8, 64, generator=g), pooled_projections=torch.randn(1, 64, generator=g), timestep=torch.tensor([500]), return_dict=False)
+
+
+def unet_model() -> nn.Module:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64,), down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32).eval()
+
+
+def unet_inputs() -> dict:
+    g = gen()
+    # a small timestep: Inductor's sin/cos of the sinusoidal time embedding differ from eager by
+    # ~1e-5 at large arguments, enough to flip 4-bit roundings in time_emb_proj (one token broadcast
+    # to every pixel), which would hide a real mismatch behind a 1% difference
+    return dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([3]), encoder_hidden_states=torch.randn(1, 8, 64, generator=g), return_dict=False)
+
+
+MODELS = {"flux": (flux_model, flux_inputs), "pixart": (pixart_model, pixart_inputs), "sd3": (sd3_model, sd3_inputs), "unet": (unet_model, unet_inputs)}
+
+
+class Compiled:
+    """A model compiled with svdquant and called once, with its references."""
+
+    def __init__(self, make_model, make_inputs) -> None:
+        self.model = make_model()
+        self.make_inputs = make_inputs
+        self.fp_model = copy.deepcopy(self.model)
+        self.reference = swap_to_quantized(copy.deepcopy(self.model))
+        self.eligible = eligible_linears(self.model)
+        self.skipped = {name: m for name, m in self.model.named_modules() if isinstance(m, nn.Linear) and name not in self.eligible}
+        self.compiled = torch.compile(self.model, backend="svdquant", fullgraph=True, options=OPTIONS)
+        start = len(svdq_backend.recent_summaries)
+        with torch.no_grad():
+            self.out = self.compiled(**make_inputs())[0]
+            self.fp_out = self.fp_model(**make_inputs())[0]
+            self.ref_out = self.reference(**make_inputs())[0]
+        self.summaries = list(svdq_backend.recent_summaries)[start:]
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def compiled(request) -> Compiled:
+    return Compiled(*MODELS[request.param])
+
+
+def test_every_eligible_linear_is_rewritten(compiled):
+    (summary,) = compiled.summaries  # fullgraph: one graph
+    assert summary.rewrites["LinearToW4A4Pass"] == len(compiled.eligible) > 0
+    assert sorted(name for name, *_ in summary.layers) == sorted(compiled.eligible)
+    assert sorted(name for name, _ in summary.skips) == sorted(compiled.skipped)
+
+
+def test_output_matches_swapped_eager_model(compiled):
+    assert torch.isfinite(compiled.out).all()
+    assert rel_err(compiled.out, compiled.ref_out) < 1e-4
+
+
+def test_output_is_the_fp_model_within_quantization_error(compiled):
+    err = rel_err(compiled.out, compiled.fp_out)
+    assert 1e-4 < err < 0.1, err
+
+
+def test_16bit_weights_freed_after_first_call(compiled):
+    for name, linear in compiled.eligible.items():
+        assert linear.weight.untyped_storage().nbytes() == 0, name
+        assert linear.weight.shape == compiled.fp_model.get_submodule(name).weight.shape
+    for name, linear in compiled.skipped.items():
+        assert linear.weight.untyped_storage().nbytes() > 0, name
+    with torch.no_grad():  # the compiled model keeps working on the freed weights
+        again = compiled.compiled(**compiled.make_inputs())[0]
+    assert torch.equal(again, compiled.out)
+
+
+@pytest.fixture(scope="module")
+def flux() -> Compiled:
+    return Compiled(*MODELS["flux"])
+
+
+def test_second_resolution_recompiles_without_requantizing(flux):
+    start = len(svdq_backend.recent_summaries)
+    with torch.no_grad():
+        out = flux.compiled(**flux_inputs(6, 4))[0]
+        ref = flux.reference(**flux_inputs(6, 4))[0]
+    (summary,) = list(svdq_backend.recent_summaries)[start:]
+    assert {origin for *_, origin in summary.layers} == {"reused"}
+    assert len(summary.layers) == len(flux.eligible)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_eager_call_after_freeing_is_an_error_not_garbage(flux):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="storage"):
+        flux.model(**flux_inputs())
+
+
+def write_flux_lora(path, model: nn.Module, targets: list[str], rank: int = 4) -> None:
+    g = gen(7)
+    tensors = {}
+    for name in targets:
+        n, k = model.get_submodule(name).weight.shape
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, k, generator=g) * 0.5
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(n, rank, generator=g) * 0.5
+    save_file(tensors, str(path))
+
+
+def test_lora_from_safetensors_is_fused_and_acts_like_the_fp_lora(tmp_path):
+    targets = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.proj_mlp"]
+    base = flux_model()
+    write_flux_lora(tmp_path / "lora.safetensors", base, targets)
+    fp_plain = copy.deepcopy(base)
+    base.load_lora_adapter(str(tmp_path), weight_name="lora.safetensors", adapter_name="t", prefix="transformer")
+    base.set_adapters(["t"], weights=[0.7])
+    fp_lora = copy.deepcopy(base)
+    reference = swap_to_quantized(copy.deepcopy(base))
+    quant_plain = swap_to_quantized(copy.deepcopy(fp_plain))
+    start = len(svdq_backend.recent_summaries)
+    compiled = torch.compile(base, backend="svdquant", fullgraph=True, options=OPTIONS)
+    with torch.no_grad():
+        out = compiled(**flux_inputs())[0]
+        ref = reference(**flux_inputs())[0]
+        q_plain = quant_plain(**flux_inputs())[0]
+        fp_delta = fp_lora(**flux_inputs())[0] - fp_plain(**flux_inputs())[0]
+    (summary,) = list(svdq_backend.recent_summaries)[start:]
+    assert summary.rewrites["LoraLinearFusionPass"] == len(targets)
+    assert summary.rewrites["LinearToW4A4Pass"] == len(eligible_linears(base)) - len(targets)
+    assert rel_err(out, ref) < 1e-4
+    # the LoRA moves the quantized model's output the way it moves the fp model's: within the
+    # quantization error of a network whose activations the LoRA doubled (0.12 measured), while a
+    # lost 0.7 adapter weight would be off by 0.43 and a dropped adapter by 1.0
+    assert rel_err(fp_delta, q_plain) > 0.5
+    assert rel_err(out - q_plain, fp_delta) < 0.25
+
+
+def test_regional_compile_serves_every_block_with_its_own_weights():
+    model = flux_model(double=2, single=2)
+    reference = swap_to_quantized(copy.deepcopy(model))
+    start = len(svdq_backend.recent_summaries)
+    model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS)
+    with torch.no_grad():
+        out = model(**flux_inputs())[0]
+        ref = reference(**flux_inputs())[0]
+    names = {name for s in list(svdq_backend.recent_summaries)[start:] for name, *_ in s.layers}
+    # names are relative to the block, prefixed by its class; FLUX's single-block proj_out is quantized
+    assert "FluxSingleTransformerBlock.proj_out" in names and "FluxTransformerBlock.attn.to_q" in names
+    assert rel_err(out, ref) < 1e-4
+    for block in (model.transformer_blocks[1], model.single_transformer_blocks[1]):
+        assert block.attn.to_q.weight.untyped_storage().nbytes() == 0
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(128, 128)
+        self.fc2 = nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def outlier_input(*shape: int) -> torch.Tensor:
+    x = torch.randn(*shape, generator=gen(3))
+    x[..., :4] *= 30.0
+    return x
+
+
+class CountW4A4:
+    """A post-grad pass that counts svdq ops in what Inductor compiles."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def __call__(self, graph) -> None:
+        self.counts.append(sum(1 for n in graph.nodes if n.target is W4A4_OP))
+
+
+def test_svdquant_0_compiles_plain_inductor(monkeypatch):
+    monkeypatch.setenv("SVDQUANT", "0")
+    model = Tiny().eval()
+    counter = CountW4A4()
+    with torch.no_grad(), torch._inductor.config.patch(post_grad_custom_post_pass=counter):
+        out = torch.compile(model, backend="svdquant", options=OPTIONS)(outlier_input(4, 128))
+        ref = model(outlier_input(4, 128))
+    assert counter.counts == [0]
+    assert rel_err(out, ref) < 1e-5
+    assert model.fc1.weight.untyped_storage().nbytes() > 0
+
+
+def test_dynamic_shapes_and_mode():
+    model = Tiny().eval()
+    reference = swap_to_quantized(copy.deepcopy(model))
+    counter = CountW4A4()
+    with torch.no_grad(), torch._inductor.config.patch(post_grad_custom_post_pass=counter):
+        # torch.compile refuses mode= together with options=; a partial carries the options instead
+        backend = functools.partial(svdq_backend.svdquant_backend, options=OPTIONS)
+        compiled = torch.compile(model, backend=backend, dynamic=True, mode="max-autotune-no-cudagraphs")
+        for tokens in (5, 9, 17):
+            assert rel_err(compiled(outlier_input(2, tokens, 128)), reference(outlier_input(2, tokens, 128))) < 1e-5
+    assert counter.counts == [2]  # one dynamic graph for every token count
+
+
+def test_unknown_option_and_mode_are_clear_errors():
+    with pytest.raises(Exception, match=r"unknown svdquant option\(s\) \['rnak'\]; valid options are \[.*'rank'"):
+        torch.compile(Tiny(), backend="svdquant", options={"rnak": 8})(torch.randn(2, 128))
+    with pytest.raises(Exception, match="valid modes"):
+        svdq_backend.svdquant_backend(None, [], mode="fastest")
+
+
+def test_registered_inductor_pass_rewrites_plain_compile_and_composes():
+    class Previous(torch._inductor.custom_graph_pass.CustomGraphPass):
+        calls = 0
+
+        def __call__(self, graph):
+            Previous.calls += 1
+
+        def uuid(self):
+            return "previous-pass"
+
+    model = Tiny().eval()
+    reference = swap_to_quantized(copy.deepcopy(model))
+    counter = CountW4A4()
+    patches = dict(pre_grad_custom_pass=Previous(), freezing=False, post_grad_custom_post_pass=counter)
+    with torch._inductor.config.patch(patches), torch.no_grad():
+        ours = svdq_compile.register_inductor_pass(OPTIONS, freeze=True)
+        assert ours.previous is not None and "previous-pass" in ours.uuid()
+        assert svdq_compile.register_inductor_pass(OPTIONS) is ours  # idempotent
+        out = torch.compile(model)(outlier_input(3, 128))
+        svdq_compile.unregister_inductor_pass()
+        assert isinstance(torch._inductor.config.pre_grad_custom_pass, Previous)
+    assert counter.counts == [2] and Previous.calls == 1
+    assert rel_err(out, reference(outlier_input(3, 128))) < 1e-5
+
+
+def test_registered_pass_appends_to_a_list_of_passes():
+    with torch._inductor.config.patch(pre_grad_custom_pass=None):
+        torch._inductor.config.pre_grad_custom_pass = [len]
+        ours = svdq_compile.register_inductor_pass(OPTIONS)
+        assert torch._inductor.config.pre_grad_custom_pass == [len, ours]
+        svdq_compile.unregister_inductor_pass()
+        assert torch._inductor.config.pre_grad_custom_pass == [len]
+
+
+def test_calibration_enables_smoothing_that_lowers_the_error():
+    x = outlier_input(64, 128)
+    model = Tiny().eval()
+    with torch.no_grad():
+        fp = model(x)
+        plain = torch.compile(copy.deepcopy(model), backend="svdquant", options=OPTIONS)(x)
+        calibrated_model = copy.deepcopy(model)
+        with svdq_compile.calibrate(calibrated_model) as stats:
+            calibrated_model(x)
+        assert set(stats) == {"fc1", "fc2"} and stats["fc1"].sample.shape == (64, 128)
+        calibrated = torch.compile(calibrated_model, backend="svdquant", options=OPTIONS)(x)
+    assert rel_err(calibrated, fp) < 0.8 * rel_err(plain, fp)
+
+
+def test_disk_cache_serves_the_same_weight_in_a_new_parameter(tmp_path):
+    config = SVDQuantConfig(cache_dir=str(tmp_path))
+    weight = nn.Parameter(torch.randn(64, 128, generator=gen(5)))
+    first = svdq_backend.quantize_weight(weight, "w", config, "disk-test")
+    assert not first.from_cache and len(list(tmp_path.glob("*.safetensors"))) == 1
+    again = svdq_backend.quantize_weight(nn.Parameter(weight.detach().clone()), "w", config, "disk-test")
+    assert again.from_cache
+    for a, b in zip(first.operands(), again.operands()):
+        assert torch.equal(a, b)
+    changed = weight.detach().clone()
+    changed[0, 0] += 1.0
+    assert not svdq_backend.quantize_weight(nn.Parameter(changed), "w", config, "disk-test").from_cache
+
+
+def test_backend_found_by_name_in_a_fresh_process():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        assert "svdq_compile" not in sys.modules
+        model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+        with torch.no_grad():
+            out = torch.compile(model, backend="svdquant", options={"cache_dir": ""})(torch.randn(3, 128))
+        from svdq_compile.backend import recent_summaries
+        print(out.shape, recent_summaries[-1].rewrites["LinearToW4A4Pass"])
+        """
+    )
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("torch.Size([3, 64]) 1")
