@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import json
 import logging
 import os
 import re
@@ -90,7 +91,7 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in self.operands())
 
 
-# weight Parameter -> {config uuid: QuantizedWeight}; identity-keyed and weak, so a model that is
+# weight Parameter -> {config_key(config): QuantizedWeight}; identity-keyed and weak, so a model that is
 # deleted takes its quantized weights with it.
 _QUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # Parameters that some compiled graph reads in 16-bit: never freed.
@@ -100,21 +101,60 @@ _warned_no_calibration = False
 recent_summaries: collections.deque[CompileSummary] = collections.deque(maxlen=64)
 
 
-def quantize_weight(weight: Tensor, name: str, config: SVDQuantConfig, config_id: str) -> QuantizedWeight:
+def config_key(config: SVDQuantConfig) -> str:
+    """The registry key of a config: JSON of the fields that change quantized weights.
+
+    Example:
+        >>> config_key(SVDQuantConfig(rank=8)) == config_key(SVDQuantConfig(rank=8, skip=()))
+        True
+    """
+    return json.dumps(config.quantization_key(), sort_keys=True)
+
+
+def quantized_entries(weight: Tensor) -> dict[str, QuantizedWeight]:
+    """``{config_key: QuantizedWeight}`` of every config ``weight`` was quantized with (may be empty).
+
+    Example:
+        >>> quantized_entries(torch.nn.Parameter(torch.randn(4, 64)))
+        {}
+    """
+    return dict(_QUANTIZED.get(weight, {}))
+
+
+def register_quantized(weight: Tensor, config: SVDQuantConfig, entry: QuantizedWeight) -> None:
+    """Make ``entry`` the quantized form of ``weight`` under ``config`` (e.g. loaded from a checkpoint),
+    so the backend uses it instead of quantizing.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.randn(32, 64))
+        >>> q = quantize_weight(w, "fc", SVDQuantConfig(rank=4, cache_dir=""))
+        >>> w2 = torch.nn.Parameter(torch.empty(32, 64)); register_quantized(w2, SVDQuantConfig(rank=4), q)
+        >>> quantize_weight(w2, "fc", SVDQuantConfig(rank=4)) is q
+        True
+    """
+    _QUANTIZED.setdefault(weight, {})[config_key(config)] = entry
+
+
+def quantize_weight(weight: Tensor, name: str, config: SVDQuantConfig) -> QuantizedWeight:
     """The quantized operands of ``weight`` for ``config``: from memory, the disk cache, or computed.
 
     Example:
         >>> w = torch.nn.Parameter(torch.randn(32, 64))
-        >>> q = quantize_weight(w, "fc", SVDQuantConfig(rank=4, cache_dir=""), "doc")
-        >>> q is quantize_weight(w, "fc", SVDQuantConfig(rank=4, cache_dir=""), "doc"), q.weight_q.dtype
+        >>> q = quantize_weight(w, "fc", SVDQuantConfig(rank=4, cache_dir=""))
+        >>> q is quantize_weight(w, "fc", SVDQuantConfig(rank=4, cache_dir="")), q.weight_q.dtype
         (True, torch.int8)
     """
     global _warned_no_calibration
+    config_id = config_key(config)
     per_config = _QUANTIZED.get(weight)
     if per_config is not None and config_id in per_config:
         return per_config[config_id]
     if weight.untyped_storage().nbytes() == 0:
-        raise RuntimeError(f"svdquant: the 16-bit weight of {name!r} was already freed; compile with options={{'free_weights': False}} to quantize it with another config")
+        raise RuntimeError(
+            f"svdquant: the 16-bit weight of {name!r} has no storage (freed by an earlier svdquant compile, or loaded shape-only "
+            f"from a checkpoint) and was never quantized with {config_key(config)}; compile with the same quantization options as "
+            "before, or keep the weights with options={'free_weights': False}"
+        )
     start = time.perf_counter()
     stats = calibration.stats_for(weight)
     if stats is None and config.alpha is None and not _warned_no_calibration:
@@ -224,7 +264,7 @@ class _Provider:
 
     def __init__(self, config: SVDQuantConfig, summary: CompileSummary) -> None:
         self.config = config
-        self.config_id = SVDQPassManager.uuid(config)
+        self.config_id = config_key(config)
         self.summary = summary
         self.decided: dict[fx.Node, _QuantNodes | None] = {}
         self.progress = None
@@ -244,7 +284,7 @@ class _Provider:
             self.summary.skipped(name, reason)
             return None
         fresh = self.config_id not in _QUANTIZED.get(tensor, {})
-        entry = quantize_weight(tensor, name, self.config, self.config_id)
+        entry = quantize_weight(tensor, name, self.config)
         if self.progress is not None and fresh:
             self.progress.update(1)
         self.summary.quantized(name, tensor, entry, fresh)
@@ -307,14 +347,13 @@ class _BackendProvider(_Provider):
 class _RuntimeCall:
     """Calls the compiled graph with the quantized operands of the weights passed in this call."""
 
-    def __init__(self, compiled: Callable, layers: list[_Layer], config: SVDQuantConfig, config_id: str) -> None:
+    def __init__(self, compiled: Callable, layers: list[_Layer], config: SVDQuantConfig) -> None:
         self.compiled = compiled
         self.layers = layers
         self.config = config
-        self.config_id = config_id
 
     def __call__(self, *args: Any) -> Any:
-        entries = [quantize_weight(args[layer.input_index], layer.name, self.config, self.config_id) for layer in self.layers]
+        entries = [quantize_weight(args[layer.input_index], layer.name, self.config) for layer in self.layers]
         extra = [t for entry in entries for t in entry.operands()]
         out = self.compiled(*args, *extra)
         if self.config.free_weights:
@@ -404,7 +443,7 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
     recent_summaries.append(summary)
     if not provider.layers:
         return compiled
-    return _RuntimeCall(compiled, provider.layers, config, provider.config_id)
+    return _RuntimeCall(compiled, provider.layers, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,4 +582,4 @@ def unregister_inductor_pass() -> None:
         inductor_config.pre_grad_custom_pass = current.previous
 
 
-__all__ = ["svdquant_backend", "register_inductor_pass", "unregister_inductor_pass", "SVDQuantInductorPass", "quantize_weight", "skip_reason", "weight_name", "QuantizedWeight"]
+__all__ = ["svdquant_backend", "register_inductor_pass", "unregister_inductor_pass", "SVDQuantInductorPass", "quantize_weight", "quantized_entries", "register_quantized", "config_key", "skip_reason", "weight_name", "QuantizedWeight"]

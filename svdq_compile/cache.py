@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -100,8 +101,6 @@ def load(config: SVDQuantConfig, key: str, device: torch.device) -> QuantizedLin
     if path is None or not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         tensors = load_file(str(path), device=str(device))
