@@ -46,7 +46,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -256,7 +256,6 @@ class _QuantNodes:
 class _Layer:
     input_index: int  # position of the 16-bit weight among the graph's inputs
     name: str
-    entry: QuantizedWeight
 
 
 class _Provider:
@@ -340,7 +339,7 @@ class _BackendProvider(_Provider):
             last.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
             nodes.append(last)
             self.extra_inputs.append(tensor)
-        self.layers.append(_Layer(self.index[weight], name, entry))
+        self.layers.append(_Layer(self.index[weight], name))
         return _QuantNodes(*nodes, entry.group_size)
 
 
@@ -381,7 +380,7 @@ def _inductor_patches(mode: str | None) -> dict[str, Any]:
     return dict(modes[mode]) if mode else {}
 
 
-def _mark_16bit_reads(gm: fx.GraphModule, example_inputs: Sequence[Any], summary: CompileSummary | None) -> None:
+def _mark_16bit_reads(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Remember every parameter the compiled graph still reads, and refuse already-freed ones."""
     for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
         if isinstance(value, nn.Parameter) and node.users:
@@ -435,7 +434,7 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
     with summary.progress(provider.count_candidates(gm.graph)) as provider.progress:
         summary.rewrites = SVDQPassManager(config, provider)(gm.graph)
     gm.recompile()
-    _mark_16bit_reads(gm, example_inputs, summary)
+    _mark_16bit_reads(gm, example_inputs)
     start = time.perf_counter()
     compiled = compile_fx(gm, [*example_inputs, *provider.extra_inputs], config_patches=patches)
     summary.compile_seconds = time.perf_counter() - start
