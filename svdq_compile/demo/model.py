@@ -102,7 +102,15 @@ def load_demo(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfl
     transformer.load_state_dict(load_file(weights_dir / "transformer.safetensors"))
     classifier = DigitClassifier()
     classifier.load_state_dict(load_file(weights_dir / "classifier.safetensors"))
-    return DemoModels(transformer.to(device, dtype).eval(), classifier.to(device, torch.float32).eval(), config)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # DiT has no fp32-only modules; its warning about a cast would only confuse
+    try:
+        transformer = transformer.to(device, dtype).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    return DemoModels(transformer, classifier.to(device, torch.float32).eval(), config)
 
 
 def classify(classifier: DigitClassifier, images: Tensor, batch_size: int = 512) -> Tensor:

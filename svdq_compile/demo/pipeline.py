@@ -10,8 +10,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from ..config import SVDQuantConfig
+from ..quantized_linear import CalibrationStats, QuantizedLinear
 
 from .digits import IMAGE_SIZE
 from .model import NULL_CLASS
@@ -104,4 +107,33 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-__all__ = ["DigitPipeline", "initial_noise", "to_uint8", "TIMESTEP_SCALE"]
+def quantize_linears(
+    module: nn.Module,
+    config: SVDQuantConfig,
+    stats: dict[str, CalibrationStats] | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Swap, in place, every linear the ``svdquant`` backend would quantize for a ``QuantizedLinear``.
+
+    The eager reference of the backend's rewrite (same eligibility rules, same op): the quality
+    harness uses it to compare configurations without an Inductor compile per configuration.
+    ``stats`` maps linear names to calibration statistics (as ``svdq_compile.calibrate`` yields).
+    Returns the names of the swapped layers.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+        >>> with torch.no_grad():
+        ...     quantize_linears(model, SVDQuantConfig(rank=4, skip=()), progress=False)
+        ['0']
+    """
+    from ..backend import skip_reason
+
+    targets = [(name, child) for name, child in module.named_modules() if isinstance(child, nn.Linear) and skip_reason(name, child.weight, config) is None]
+    for name, linear in tqdm(targets, desc="quantizing linears (eager)", unit="layer", disable=not progress, leave=False):
+        parent_name, _, attr = name.rpartition(".")
+        quantized = QuantizedLinear.from_linear(linear, config, (stats or {}).get(name))
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, quantized)
+    return [name for name, _ in targets]
+
+
+__all__ = ["DigitPipeline", "initial_noise", "to_uint8", "quantize_linears", "TIMESTEP_SCALE"]
