@@ -187,6 +187,24 @@ def test_eager_call_after_freeing_is_an_error_not_garbage(flux):
         flux.model(**flux_inputs())
 
 
+def test_lora_loaded_after_compile_recompiles_fused_without_requantizing(flux, tmp_path):
+    # the usual diffusers flow: compile, generate, then load a LoRA (the 16-bit weights are gone by now)
+    targets = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp"]
+    write_flux_lora(tmp_path / "lora.safetensors", flux.fp_model, targets)
+    reference = copy.deepcopy(flux.fp_model)
+    for model in (flux.model, reference):
+        model.load_lora_adapter(str(tmp_path), weight_name="lora.safetensors", adapter_name="late", prefix="transformer")
+    reference = swap_to_quantized(reference)
+    start = len(svdq_backend.recent_summaries)
+    with torch.no_grad():
+        out = flux.compiled(**flux_inputs())[0]
+        ref = reference(**flux_inputs())[0]
+    (summary,) = list(svdq_backend.recent_summaries)[start:]
+    assert summary.rewrites == {"LoraLinearFusionPass": len(targets), "LinearToW4A4Pass": len(flux.eligible) - len(targets)}
+    assert {origin for *_, origin in summary.layers} == {"reused"}
+    assert rel_err(out, ref) < 1e-4 and rel_err(out, flux.out) > 0.01
+
+
 def write_flux_lora(path, model: nn.Module, targets: list[str], rank: int = 4) -> None:
     g = gen(7)
     tensors = {}
@@ -362,8 +380,30 @@ def test_disk_cache_serves_the_same_weight_in_a_new_parameter(tmp_path):
     assert not svdq_backend.quantize_weight(nn.Parameter(changed), "w", config).from_cache
 
 
+def run_python(script: str, **env: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1", **env), timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+def test_svdquant_1_rewrites_a_plain_torch_compile():
+    out = run_python(
+        """
+        import torch, svdq_compile
+        from svdq_compile.backend import recent_summaries
+        model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+        with torch.no_grad():
+            torch.compile(model)(torch.randn(3, 128))
+        print(recent_summaries[-1].rewrites["LinearToW4A4Pass"])
+        """,
+        SVDQUANT="1",
+        SVDQ_CACHE_DIR="",
+    )
+    assert out.endswith("1")
+
+
 def test_backend_found_by_name_in_a_fresh_process():
-    script = textwrap.dedent(
+    out = run_python(
         """
         import sys, torch
         assert "svdq_compile" not in sys.modules
@@ -374,7 +414,4 @@ def test_backend_found_by_name_in_a_fresh_process():
         print(out.shape, recent_summaries[-1].rewrites["LinearToW4A4Pass"])
         """
     )
-    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().endswith("torch.Size([3, 64]) 1")
+    assert out.endswith("torch.Size([3, 64]) 1")
