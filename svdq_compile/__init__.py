@@ -7,19 +7,26 @@ Example:
     32
 """
 
-from .config import SVDQuantConfig
-from .ops import w4a4_linear
-from .quantized_linear import CalibrationStats, QuantizedLinear
-
-__all__ = ["SVDQuantConfig", "QuantizedLinear", "CalibrationStats", "w4a4_linear"]
-
-# The torch.compile integration (issue 4): calibration, the Inductor pass, and the SVDQUANT=1 switch.
 import os as _os
 
 from .backend import register_inductor_pass, unregister_inductor_pass
 from .calibration import calibrate
+from .checkpoint import load_quantized, save_quantized
+from .config import SVDQuantConfig
+from .ops import w4a4_linear
+from .quantized_linear import CalibrationStats, QuantizedLinear
 
-__all__ += ["calibrate", "register_inductor_pass", "unregister_inductor_pass"]
+__all__ = [
+    "SVDQuantConfig",
+    "QuantizedLinear",
+    "CalibrationStats",
+    "w4a4_linear",
+    "calibrate",
+    "register_inductor_pass",
+    "unregister_inductor_pass",
+    "save_quantized",
+    "load_quantized",
+]
 
 if _os.environ.get("SVDQUANT", "").strip() == "1":
     # A plain torch.compile(model) then runs the rewrite as Inductor's pre-grad pass (under freezing,

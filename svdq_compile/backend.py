@@ -423,7 +423,9 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
     """
     from torch._inductor.compile_fx import compile_fx
 
-    config = SVDQuantConfig.from_options(options)
+    from .checkpoint import checkpoint_config  # the checkpoint module builds on this one's registry
+
+    config = checkpoint_config(SVDQuantConfig.from_options(options))
     patches = _inductor_patches(mode)
     if os.environ.get("SVDQUANT", "").strip() == "0":
         log.info("svdquant: SVDQUANT=0, compiling with plain Inductor (no rewrite)")

@@ -141,8 +141,10 @@ class QuantizedLinear(nn.Module):
         layer.register_buffer("scales", scales)
         layer.register_buffer("mult", mult if mult is not None else torch.empty(0, dtype=torch.uint8, device=weight.device))
         layer.register_buffer("smooth_inv", (1.0 / lam).float())
-        layer.register_buffer("lora_down", (down / lam).to(dtype))
-        layer.register_buffer("lora_up", up.to(dtype))
+        # contiguous, as a cache or checkpoint returns them: BLAS picks its kernel (and so its
+        # rounding) by layout, and a reloaded layer must compute bit for bit what a fresh one does
+        layer.register_buffer("lora_down", (down / lam).to(dtype).contiguous())
+        layer.register_buffer("lora_up", up.to(dtype).contiguous())
         layer.register_buffer("bias", bias.detach().clone() if bias is not None else torch.empty(0, dtype=dtype, device=weight.device))
         return layer
 

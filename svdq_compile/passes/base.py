@@ -18,6 +18,8 @@ import torch
 from torch import fx
 from torch.nn import functional as F
 
+from .. import ops  # noqa: F401  (registers torch.ops.svdq.w4a4_linear)
+
 # The op every pass emits; its argument order is (x, weight_q, weight_scales, smooth_inv,
 # lora_down, lora_up, bias, group_size), see svdq_compile/ops.py.
 W4A4_OP = torch.ops.svdq.w4a4_linear.default
