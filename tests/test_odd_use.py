@@ -1,0 +1,90 @@
+"""Odd but real use of the backend: several models and configs in one process, grad, odd shapes."""
+
+import torch
+from torch import nn
+
+from svdq_compile import QuantizedLinear, SVDQuantConfig
+from svdq_compile import backend as svdq_backend
+
+
+def _mlp(seed: int, k: int = 128) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(k, 128), nn.GELU(), nn.Linear(128, 64)).eval()
+    with torch.no_grad():
+        model[0].weight[:, :2] *= 25  # weight outliers
+    return model
+
+
+def _reference(model: nn.Module, options: dict, x: torch.Tensor) -> torch.Tensor:
+    """The same model with every eligible linear swapped for QuantizedLinear, run eagerly."""
+    config = SVDQuantConfig(**{k: v for k, v in options.items() if k != "cache_dir"}, cache_dir="")
+    layers = [QuantizedLinear.from_linear(m, config) if isinstance(m, nn.Linear) and m.in_features % 64 == 0 else m for m in model]
+    with torch.no_grad():
+        return nn.Sequential(*layers)(x)
+
+
+def _x(k: int = 128) -> torch.Tensor:
+    x = torch.randn(2, 9, k, generator=torch.Generator().manual_seed(3))
+    x[..., 7] *= 40
+    return x
+
+
+def test_two_models_in_one_process_keep_their_own_weights():
+    torch._dynamo.reset()
+    a, b = _mlp(0), _mlp(1)
+    options = {"rank": 8, "cache_dir": "", "free_weights": False}
+    x = _x()
+    ref_a, ref_b = _reference(a, options, x), _reference(b, options, x)
+    ca = torch.compile(a, backend="svdquant", options=options)
+    cb = torch.compile(b, backend="svdquant", options=options)
+    with torch.no_grad():
+        out_a, out_b, out_a_again = ca(x), cb(x), ca(x)
+    torch.testing.assert_close(out_a, ref_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_b, ref_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_a_again, out_a, rtol=0, atol=0)
+    assert (out_a - out_b).abs().max() > 0.1
+
+
+def test_one_model_compiled_with_two_configs_gets_both():
+    torch._dynamo.reset()
+    model = _mlp(2)
+    x = _x()
+    low, high = {"rank": 0, "cache_dir": "", "free_weights": False}, {"rank": 32, "cache_dir": "", "free_weights": False}
+    c_low = torch.compile(model, backend="svdquant", options=low)
+    c_high = torch.compile(model, backend="svdquant", options=high)
+    with torch.no_grad():
+        out_low, out_high = c_low(x), c_high(x)
+    torch.testing.assert_close(out_low, _reference(model, low, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_high, _reference(model, high, x), rtol=1e-5, atol=1e-5)
+    assert len(svdq_backend.quantized_entries(model[0].weight)) == 2
+
+
+def test_grad_enabled_keeps_16bit_layers_with_correct_gradients():
+    """Documented behaviour: with gradients on, svdquant leaves linears in 16-bit (logged), so
+    training through the compiled model gives the float model's gradients, never wrong ones."""
+    torch._dynamo.reset()
+    model = _mlp(4).train()
+    x = _x()
+    compiled = torch.compile(model, backend="svdquant", options={"rank": 8, "cache_dir": ""})
+    start = len(svdq_backend.recent_summaries)
+    compiled(x).square().mean().backward()
+    grad = model[0].weight.grad.clone()
+    (summary,) = list(svdq_backend.recent_summaries)[start:]
+    assert not summary.layers and all("gradients" in reason for _, reason in summary.skips)
+    model.zero_grad()
+    model(x).square().mean().backward()
+    torch.testing.assert_close(grad, model[0].weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_shapes_that_do_not_fit_stay_16bit_with_a_reason():
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(100, 128), nn.Linear(128, 8), nn.Linear(8, 64)).eval()  # K % 64, tiny N, tiny K
+    x = torch.randn(4, 100)
+    start = len(svdq_backend.recent_summaries)
+    with torch.no_grad():
+        out = torch.compile(model, backend="svdquant", options={"cache_dir": ""})(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+    (summary,) = list(svdq_backend.recent_summaries)[start:]
+    reasons = dict(summary.skips)
+    assert "multiple of group_size" in reasons["0"] and "too small" in reasons["1"] and "multiple of group_size" in reasons["2"]
