@@ -29,6 +29,9 @@ class LoraLinearFusionPass(SVDQPass):
         up   = cat([lora_up, (B1 * s1).type_as(lora_up), (B2 * s2).type_as(lora_up)], 1)
         y = svdq.w4a4_linear(x, W_q, scales, smooth_inv, down, up, b, 64)
 
+    Adapters in another dtype than the model (peft's fp32 adapters on a bf16 model trace as
+    ``d = dropout(x.to(float32))``) are matched too; the fused branch then runs in x's dtype.
+
     ``A`` is appended without the smoothing factor: ``lora_down`` already has ``1/lambda`` folded
     in, so the whole low-rank branch reads the raw ``x``, exactly what the adapter reads. The
     adapters are ordinary graph inputs, so changing their values (``set_adapters`` strength,
@@ -118,9 +121,19 @@ def _match_adapter(node: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node, object]
     if down_parts is None or down_parts[2] is not None:
         return None
     source, a_weight, _ = down_parts
-    if source is not x and not (_is_eval_dropout(source) and source.args[0] is x and len(source.users) == 1):
+    if _is_eval_dropout(source) and len(source.users) == 1:
+        source = source.args[0]
+    if source is not x and not _is_cast_of(source, x):
         return None
     return a_weight, b_weight, scale
+
+
+def _is_cast_of(node: fx.Node, x: fx.Node) -> bool:
+    """``x.to(dtype)``: peft casts the input to the adapter's dtype (fp32 adapters on a bf16 model)."""
+    if node.op != "call_method" or node.target != "to" or not node.args or node.args[0] is not x:
+        return False
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    return len(rest) == 1 and isinstance(rest[0], torch.dtype)
 
 
 def _is_eval_dropout(node: fx.Node) -> bool:
