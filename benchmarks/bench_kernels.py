@@ -231,8 +231,8 @@ def sweep_configs(gen: torch.Generator) -> None:
         del layer
 
 
-QUANTIZE_SWEEP = [(16, 256, 4, 4, 0), (16, 256, 8, 4, 0), (16, 512, 8, 3, 0), (32, 256, 4, 4, 0), (32, 256, 8, 4, 0),
-                  (16, 128, 4, 4, 0), (16, 256, 4, 4, 1), (16, 256, 4, 4, 2)]
+QUANTIZE_SWEEP = [(4, 512, 4, 3, 0), (4, 256, 4, 3, 0), (8, 512, 4, 3, 0), (8, 256, 8, 3, 0), (2, 1024, 4, 3, 0),
+                  (16, 256, 4, 4, 0), (4, 512, 8, 3, 0), (1, 1024, 4, 3, 0), (4, 512, 4, 3, 1)]
 
 
 def sweep_quantize(gen: torch.Generator, bandwidth: float, l2_bytes: int) -> None:

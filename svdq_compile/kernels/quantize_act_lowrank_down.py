@@ -53,65 +53,27 @@ def _round_int4(v):
 
 
 @triton.jit
-def _quantize_act_lowrank_down_kernel(
-    x_ptr, smooth_ptr, down_ptr, q_ptr, scale_ptr, lora_ptr, partial_ptr, count_ptr,
-    M, K, R, K_PER_SPLIT,
-    GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, HAS_LORA: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_SPLIT: tl.constexpr,
+def _quantize_rows(
+    x_ptr, smooth_ptr, q_ptr, scale_ptr, row_block, split, M, K, k_per_split,
+    GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
 ):
-    """Program (i, j): token rows [i * BLOCK_M, ...), K slice j of K_SPLIT (K_PER_SPLIT wide)."""
+    """Quantize token rows [row_block * BLOCK_M, ...) over K slice ``split`` (k_per_split wide)."""
     NUM_GROUPS: tl.constexpr = BLOCK_K // GROUP
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    offs_r = tl.arange(0, BLOCK_R)
     rows = offs_m.to(tl.int64)[:, None] * K
     num_groups_k = K // GROUP
-    k_begin = split * K_PER_SPLIT
-    k_end = min(k_begin + K_PER_SPLIT, K)
-    lora_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    row_max = tl.zeros((BLOCK_M,), dtype=tl.float32)
-
-    # Sweep 1 over this program's K slice: the low-rank dot on the raw x and (two-level) the row
-    # max of the smoothed x; the float-group format quantizes here too (its scales are group-local).
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if HAS_LORA:
-            down = tl.load(down_ptr + offs_r[:, None] * K + offs_k[None, :], mask=(offs_r[:, None] < R) & mask_k[None, :], other=0.0)
-            lora_acc = tl.dot(x.to(DOT_DTYPE), tl.trans(down.to(DOT_DTYPE)), lora_acc, input_precision=DOT_PRECISION)
-        xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-        if TWO_LEVEL:
-            row_max = _max_propagate_nan(row_max, tl.reduce(tl.abs(xs), 1, _max_propagate_nan))
-        else:
-            xg = tl.reshape(xs, (BLOCK_M, NUM_GROUPS, GROUP))
-            scale = tl.math.div_rn(tl.reduce(tl.abs(xg), 2, _max_propagate_nan), 7.0)
-            safe = tl.where(scale == 0.0, 1.0, scale)
-            q = _round_int4(_divide(xg, safe[:, :, None], tl.math.div_rn(1.0, safe)[:, :, None]))
-            # A NaN or Inf in the group makes its scale non-finite, and all its q are 0 (numerics).
-            q = tl.where((tl.abs(scale) < float("inf"))[:, :, None], q, 0.0)
-            mask = mask_m[:, None] & mask_k[None, :]
-            tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)).to(tl.int8), mask=mask)
-            offs_g = k0 // GROUP + tl.arange(0, NUM_GROUPS)
-            tl.store(scale_ptr + offs_m.to(tl.int64)[:, None] * num_groups_k + offs_g[None, :], scale,
-                     mask=mask_m[:, None] & (offs_g[None, :] < k_end // GROUP))
-
+    k_begin = split * k_per_split
+    k_end = min(k_begin + k_per_split, K)
     if TWO_LEVEL:
-        if K_SPLIT > 1:  # the row max needs the rest of the row too (L2 hits: the rows are small)
-            for k0 in range(0, k_begin, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-                xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k)[None, :]
-                row_max = _max_propagate_nan(row_max, tl.reduce(tl.abs(xs), 1, _max_propagate_nan))
-            for k0 in range(k_end, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-                row_max = _max_propagate_nan(row_max, tl.reduce(tl.abs(xs), 1, _max_propagate_nan))
+        # Sweep 1: the row max of the smoothed x, over the whole row (other slices' parts are L2 hits).
+        row_max = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+            row_max = _max_propagate_nan(row_max, tl.reduce(tl.abs(xs), 1, _max_propagate_nan))
         s1 = tl.math.div_rn(row_max, 112.0)  # QMAX * MULT_MAX
         if split == 0:
             tl.store(scale_ptr + offs_m, s1, mask=mask_m)
@@ -119,40 +81,111 @@ def _quantize_act_lowrank_down_kernel(
         # A NaN or Inf in the token makes s1 non-finite, and all its q are 0 (numerics).
         row_finite = (tl.abs(s1) < float("inf"))[:, None, None]
         mult_divisor = (s1_safe * 7.0)[:, None]
-        # Sweep 2: quantize this slice. The program read these rows moments ago: mostly L2 hits.
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k_end
-            mask = mask_m[:, None] & mask_k[None, :]
-            x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask, other=0.0)
-            xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-            xg = tl.reshape(xs, (BLOCK_M, NUM_GROUPS, GROUP))
-            group_max = tl.reduce(tl.abs(xg), 2, _max_propagate_nan)
+    # Sweep 2 (the only one for float group scales): quantize this slice. In the two-level format
+    # the program read these rows moments ago: mostly L2 hits.
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        mask = mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask, other=0.0)
+        xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+        xg = tl.reshape(xs, (BLOCK_M, NUM_GROUPS, GROUP))
+        group_max = tl.reduce(tl.abs(xg), 2, _max_propagate_nan)
+        if TWO_LEVEL:
             mult = tl.minimum(tl.maximum(tl.ceil(tl.math.div_rn(group_max, mult_divisor)), 1.0), 16.0)
             step = s1_safe[:, None] * mult
             q = _round_int4(_divide(xg, step[:, :, None], tl.math.div_rn(1.0, step)[:, :, None]))
             q = tl.where(row_finite, q * mult[:, :, None], 0.0)
-            tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)).to(tl.int8), mask=mask)
-
-    if HAS_LORA:
-        lora_mask = mask_m[:, None] & (offs_r[None, :] < R)
-        lora_ptrs = lora_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-        if K_SPLIT == 1:
-            tl.store(lora_ptrs, lora_acc.to(lora_ptr.dtype.element_ty), mask=lora_mask)
         else:
-            # Partial sums of the K slices go to [K_SPLIT, M, BLOCK_R]; the last program of these
-            # rows adds them in slice order (deterministic) and stores the result.
-            partial_rows = offs_m.to(tl.int64)[:, None] * BLOCK_R + offs_r[None, :]
-            tl.store(partial_ptr + split * M * BLOCK_R + partial_rows, lora_acc, mask=mask_m[:, None])
-            tl.debug_barrier()  # every thread's partial sums are written before the counter moves
-            arrived = tl.atomic_add(count_ptr + pid_m, 1, sem="acq_rel")
-            if arrived == K_SPLIT - 1:
-                tl.debug_barrier()
-                total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for j in range(0, K_SPLIT):
-                    total += tl.load(partial_ptr + j * M * BLOCK_R + partial_rows, mask=mask_m[:, None], other=0.0, cache_modifier=".cg")
-                tl.store(lora_ptrs, total.to(lora_ptr.dtype.element_ty), mask=lora_mask)
-                tl.atomic_xchg(count_ptr + pid_m, 0)  # leave the counters zeroed for the next launch
+            scale = tl.math.div_rn(group_max, 7.0)
+            safe = tl.where(scale == 0.0, 1.0, scale)
+            q = _round_int4(_divide(xg, safe[:, :, None], tl.math.div_rn(1.0, safe)[:, :, None]))
+            # A NaN or Inf in the group makes its scale non-finite, and all its q are 0 (numerics).
+            q = tl.where((tl.abs(scale) < float("inf"))[:, :, None], q, 0.0)
+            offs_g = k0 // GROUP + tl.arange(0, NUM_GROUPS)
+            tl.store(scale_ptr + offs_m.to(tl.int64)[:, None] * num_groups_k + offs_g[None, :], scale,
+                     mask=mask_m[:, None] & (offs_g[None, :] < k_end // GROUP))
+        tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)).to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _lowrank_down_rows(
+    x_ptr, down_ptr, lora_ptr, partial_ptr, count_ptr, row_block, split, M, K, R, k_per_split,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_SPLIT: tl.constexpr,
+):
+    """``x @ lora_down^T`` for rows [row_block * BLOCK_M, ...) over K slice ``split``, fp32 sums.
+
+    With K_SPLIT > 1 the slices' partial sums go to [K_SPLIT, M, BLOCK_R]; the last program of
+    these rows (an arrival counter) adds them in slice order (deterministic) and stores the result.
+    """
+    offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)[:, None] * K
+    k_begin = split * k_per_split
+    k_end = min(k_begin + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        down = tl.load(down_ptr + offs_r[:, None] * K + offs_k[None, :], mask=(offs_r[:, None] < R) & mask_k[None, :], other=0.0)
+        acc = tl.dot(x.to(DOT_DTYPE), tl.trans(down.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+    lora_mask = mask_m[:, None] & (offs_r[None, :] < R)
+    lora_ptrs = lora_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+    if K_SPLIT == 1:
+        tl.store(lora_ptrs, acc.to(lora_ptr.dtype.element_ty), mask=lora_mask)
+    else:
+        partial_rows = offs_m.to(tl.int64)[:, None] * BLOCK_R + offs_r[None, :]
+        tl.store(partial_ptr + split * M * BLOCK_R + partial_rows, acc, mask=mask_m[:, None])
+        tl.debug_barrier()  # every thread's partial sums are written before the counter moves
+        arrived = tl.atomic_add(count_ptr + row_block, 1, sem="acq_rel")
+        if arrived == K_SPLIT - 1:
+            tl.debug_barrier()
+            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for j in range(0, K_SPLIT):
+                total += tl.load(partial_ptr + j * M * BLOCK_R + partial_rows, mask=mask_m[:, None], other=0.0, cache_modifier=".cg")
+            tl.store(lora_ptrs, total.to(lora_ptr.dtype.element_ty), mask=lora_mask)
+            tl.atomic_xchg(count_ptr + row_block, 0)  # leave the counters zeroed for the next launch
+
+
+@triton.jit
+def _quantize_act_lowrank_down_kernel(
+    x_ptr, smooth_ptr, down_ptr, q_ptr, scale_ptr, lora_ptr, partial_ptr, count_ptr,
+    M, K, R, K_PER_SPLIT, LORA_K_PER_SPLIT, NUM_LORA_PROGRAMS,
+    GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
+    LORA_BLOCK_M: tl.constexpr, LORA_BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, LORA_K_SPLIT: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
+):
+    """Two kinds of programs in one launch: quantizers (few rows each, no tensor cores) and
+    low-rank programs (LORA_BLOCK_M rows each, so lora_down is re-read from L2 rarely).
+
+    INTERLEAVE (no K slices): each low-rank program follows the LORA_BLOCK_M / BLOCK_M quantizers of
+    its rows, so both read those rows at about the same time and x comes from DRAM about once.
+    Otherwise (small M, K slices) the low-rank programs come first; x is small and stays in L2.
+    """
+    pid = tl.program_id(0)
+    if INTERLEAVE:
+        QUANTIZERS_PER_GROUP: tl.constexpr = LORA_BLOCK_M // BLOCK_M
+        group = pid // (QUANTIZERS_PER_GROUP + 1)
+        member = pid % (QUANTIZERS_PER_GROUP + 1)
+        if member == QUANTIZERS_PER_GROUP:
+            _lowrank_down_rows(x_ptr, down_ptr, lora_ptr, partial_ptr, count_ptr, group, 0, M, K, R, K,
+                               DOT_DTYPE, DOT_PRECISION, LORA_BLOCK_M, LORA_BLOCK_K, BLOCK_R, 1)
+        else:
+            _quantize_rows(x_ptr, smooth_ptr, q_ptr, scale_ptr, group * QUANTIZERS_PER_GROUP + member, 0, M, K, K,
+                           GROUP, TWO_LEVEL, BLOCK_M, BLOCK_K, 1)
+    else:
+        if pid < NUM_LORA_PROGRAMS:
+            _lowrank_down_rows(x_ptr, down_ptr, lora_ptr, partial_ptr, count_ptr, pid // LORA_K_SPLIT, pid % LORA_K_SPLIT,
+                               M, K, R, LORA_K_PER_SPLIT, DOT_DTYPE, DOT_PRECISION, LORA_BLOCK_M, LORA_BLOCK_K, BLOCK_R, LORA_K_SPLIT)
+        else:
+            quantizer = pid - NUM_LORA_PROGRAMS
+            _quantize_rows(x_ptr, smooth_ptr, q_ptr, scale_ptr, quantizer // K_SPLIT, quantizer % K_SPLIT, M, K, K_PER_SPLIT,
+                           GROUP, TWO_LEVEL, BLOCK_M, BLOCK_K, K_SPLIT)
 
 
 _MAX_FUSED_RANK = 256
@@ -175,11 +208,11 @@ def _check_args(x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeConfig:
-    """Launch shape of the quantize kernel: token rows per program, K chunk, warps, pipeline depth,
-    and K slices per row block (0: enough slices for about two programs per SM).
+    """Launch shape: token rows per quantizer program, its K chunk, warps, pipeline depth, and K
+    slices per row block (0: enough slices for about two programs per SM).
 
     Example:
-        >>> QuantizeConfig(16, 256, 4, 4).k_split
+        >>> QuantizeConfig(4, 512, 4, 3).k_split
         0
     """
 
@@ -194,12 +227,10 @@ def default_quantize_config(m: int, k: int, rank: int, group_size: int) -> Quant
     """The launch shape used unless one is given (chosen from the H100 sweeps in KERNEL_NOTES.md).
 
     Example:
-        >>> default_quantize_config(4096, 3072, 32, 64).block_k
-        256
+        >>> default_quantize_config(4096, 3072, 32, 64).block_m
+        4
     """
-    block_r = max(16, triton.next_power_of_2(rank))
-    # The [BLOCK_R, BLOCK_K] tile of lora_down is the largest operand: keep it near 32 KB.
-    return QuantizeConfig(16, max(group_size, min(256, 16384 // block_r)), 4, 4)
+    return QuantizeConfig(4, max(group_size, 512), 4, 3)
 
 
 _counters: dict[torch.device, Tensor] = {}
@@ -215,14 +246,15 @@ def _zeroed_counters(device: torch.device, count: int) -> Tensor:
     return counters
 
 
-def _k_split(cfg: QuantizeConfig, m: int, k: int, device: torch.device) -> int:
-    if cfg.k_split:
-        return min(cfg.k_split, triton.cdiv(k, cfg.block_k))
+def _sm_count(device: torch.device) -> int:
     if device not in _sm_counts:
         _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    # Few token rows (small M) would leave most SMs idle: slice K until about two programs per SM.
-    wanted = triton.cdiv(2 * _sm_counts[device], triton.cdiv(m, cfg.block_m))
-    return max(1, min(wanted, triton.cdiv(k, cfg.block_k)))
+    return _sm_counts[device]
+
+
+def _slices(row_blocks: int, k_blocks: int, wanted_programs: int) -> int:
+    """K slices per row block so that ``row_blocks * slices`` reaches ``wanted_programs``."""
+    return max(1, min(triton.cdiv(wanted_programs, row_blocks), k_blocks))
 
 
 def quantize_act_lowrank_down(
@@ -266,22 +298,42 @@ def quantize_act_lowrank_down(
     # dtypes and under the CPU interpreter, whose bf16 dot is wrong (Triton 3.9 reads raw bits).
     dot_dtype = x2d.dtype if lora_down.dtype == x2d.dtype and x2d.is_cuda else torch.float32
     cfg = config or default_quantize_config(m, k, rank, group_size)
-    if cfg.block_k % group_size or cfg.block_m < 16:
-        raise ValueError(f"quantize_act_lowrank_down: block_k = {cfg.block_k} must be a multiple of group_size = {group_size} and block_m >= 16")
-    block_r = max(16, triton.next_power_of_2(rank))
+    if cfg.block_k % group_size:
+        raise ValueError(f"quantize_act_lowrank_down: block_k = {cfg.block_k} must be a multiple of group_size = {group_size}")
+    sms = _sm_count(x2d.device)
+    # Quantizers: few rows each; K slices only when there are too few row blocks to fill the SMs.
     row_blocks = triton.cdiv(m, cfg.block_m)
-    k_split = _k_split(cfg, m, k, x2d.device) if rank else 1
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), k_split) * cfg.block_k
+    k_blocks = triton.cdiv(k, cfg.block_k)
+    k_split = min(cfg.k_split, k_blocks) if cfg.k_split else (_slices(row_blocks, k_blocks, 2 * sms) if row_blocks < 2 * sms else 1)
+    k_per_split = triton.cdiv(k_blocks, k_split) * cfg.block_k
     k_split = triton.cdiv(k, k_per_split)
-    partials = torch.empty((k_split, m, block_r) if k_split > 1 else (1,), dtype=torch.float32, device=x2d.device)
-    counters = _zeroed_counters(x2d.device, row_blocks) if k_split > 1 else partials
-    _quantize_act_lowrank_down_kernel[(row_blocks, k_split)](
+    # Low-rank programs: many rows each (lora_down is re-read from L2 once per program); the
+    # [BLOCK_R, LORA_BLOCK_K] tile of lora_down stays near 16 KB.
+    block_r = max(16, triton.next_power_of_2(rank))
+    lora_block_m = 128 if m >= 2048 else 64 if m > 32 else 16
+    lora_block_k = max(32, min(128, 8192 // block_r))
+    lora_row_blocks = triton.cdiv(m, lora_block_m)
+    interleave = rank > 0 and k_split == 1 and lora_block_m % cfg.block_m == 0
+    if interleave:
+        lora_split, lora_k_per_split, num_lora_programs = 1, k, 0
+        grid = lora_row_blocks * (lora_block_m // cfg.block_m + 1)
+    else:
+        lora_k_blocks = triton.cdiv(k, lora_block_k)
+        lora_split = _slices(lora_row_blocks, lora_k_blocks, sms) if rank else 1
+        lora_k_per_split = triton.cdiv(lora_k_blocks, lora_split) * lora_block_k
+        lora_split = triton.cdiv(k, lora_k_per_split)
+        num_lora_programs = lora_row_blocks * lora_split if rank else 0
+        grid = num_lora_programs + row_blocks * k_split
+    partials = torch.empty((lora_split, m, block_r) if lora_split > 1 else (1,), dtype=torch.float32, device=x2d.device)
+    counters = _zeroed_counters(x2d.device, lora_row_blocks) if lora_split > 1 else partials
+    _quantize_act_lowrank_down_kernel[(grid,)](
         x2d, smooth_inv.float().contiguous(), lora_down.contiguous(), act_q, act_scales, lora_act, partials, counters,
-        m, k, rank, k_per_split,
-        GROUP=group_size, TWO_LEVEL=two_level, HAS_LORA=rank > 0,
+        m, k, rank, k_per_split, lora_k_per_split, num_lora_programs,
+        GROUP=group_size, TWO_LEVEL=two_level,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype], DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r, K_SPLIT=k_split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, K_SPLIT=k_split,
+        LORA_BLOCK_M=lora_block_m, LORA_BLOCK_K=lora_block_k, BLOCK_R=block_r, LORA_K_SPLIT=lora_split,
+        INTERLEAVE=interleave, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return act_q, act_scales, lora_act
 
