@@ -350,9 +350,14 @@ class _RuntimeCall:
         self.compiled = compiled
         self.layers = layers
         self.config = config
+        self.announced = False
 
     def __call__(self, *args: Any) -> Any:
+        known = len(_QUANTIZED)
         entries = [quantize_weight(args[layer.input_index], layer.name, self.config) for layer in self.layers]
+        if not self.announced and len(_QUANTIZED) > known:
+            self.announced = True  # regional compilation: the other blocks' weights arrive at their first call
+            log.info("svdquant: quantized the weights of a module that shares a compiled graph, at its first call; the others follow")
         extra = [t for entry in entries for t in entry.operands()]
         out = self.compiled(*args, *extra)
         if self.config.free_weights:
