@@ -286,6 +286,28 @@ class CountW4A4:
         self.counts.append(sum(1 for n in graph.nodes if n.target is W4A4_OP))
 
 
+def test_quantized_weights_stay_out_of_the_fx_graph_cache_key():
+    # two models that differ only in their weights: the second compile is a cache hit (the quantized
+    # operands are graph inputs, keyed by shape and dtype) and still computes with its own weights
+    from torch._dynamo.utils import counters
+
+    models = []
+    for seed in (0, 1):
+        model = Tiny().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen(seed)) * 0.1)
+        models.append(model)
+    reference = swap_to_quantized(copy.deepcopy(models[1]))
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
+        torch.compile(models[0], backend="svdquant", options=OPTIONS)(outlier_input(3, 128))
+        torch._dynamo.reset()
+        counters.clear()
+        out = torch.compile(models[1], backend="svdquant", options=OPTIONS)(outlier_input(3, 128))
+    assert counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"] >= 1
+    assert rel_err(out, reference(outlier_input(3, 128))) < 1e-5
+
+
 def test_svdquant_0_compiles_plain_inductor(monkeypatch):
     monkeypatch.setenv("SVDQUANT", "0")
     model = Tiny().eval()
@@ -316,6 +338,7 @@ def test_unknown_option_and_mode_are_clear_errors():
         torch.compile(Tiny(), backend="svdquant", options={"rnak": 8})(torch.randn(2, 128))
     with pytest.raises(Exception, match="valid modes"):
         svdq_backend.svdquant_backend(None, [], mode="fastest")
+    assert svdq_backend._inductor_patches("reduce-overhead") == {"triton.cudagraphs": True}
 
 
 def test_registered_inductor_pass_rewrites_plain_compile_and_composes():
