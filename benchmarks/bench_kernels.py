@@ -148,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON, log and PNG")
     parser.add_argument("--quick", action="store_true", help="two shapes only (a smoke test)")
-    parser.add_argument("--sweep", action="store_true", help="first time w4a4_gemm tile configs one by one")
+    parser.add_argument("--sweep", choices=["quantize", "gemm", "all"], help="first time launch configs one by one")
     args = parser.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -160,8 +160,9 @@ def main() -> None:
         "copy_bandwidth_TBps": bandwidth / 1e12, "rank": RANK, "group": GROUP,
     }
     print(json.dumps(meta), flush=True)
-    if args.sweep:
+    if args.sweep in ("quantize", "all"):
         sweep_quantize(gen, bandwidth, l2_bytes)
+    if args.sweep in ("gemm", "all"):
         sweep_configs(gen)
     shapes = [(m, n, k) for (n, k) in NK_VALUES for m in M_VALUES]
     if args.quick:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The one script for the GPU machine: kernel GPU tests, then the benchmark. Logs go to $OUT.
-#   OUT=/some/dir bash benchmarks/gpu_kernels.sh [--sweep] [--quick]
+#   OUT=/some/dir bash benchmarks/gpu_kernels.sh [--sweep quantize|gemm|all] [--quick]
 set -u
 OUT=${OUT:-.}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

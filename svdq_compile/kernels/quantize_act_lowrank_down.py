@@ -1,5 +1,5 @@
-"""Activation side of the W4A4 linear in one kernel: smoothing, per-token int4 quantization and the
-low-rank down projection, reading each token tile of ``x`` once from DRAM.
+"""Activation side of the W4A4 linear in one launch: smoothing, per-token int4 quantization and
+the low-rank down projection.
 
 ``quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level)`` returns
 
@@ -7,13 +7,16 @@ low-rank down projection, reading each token tile of ``x`` once from DRAM.
 * ``act_scales``: fp32 [M] row scales ``s1`` (two-level) or fp32 [M, K / group_size] group scales;
 * ``lora_act`` [M, R] in x's dtype: ``x @ lora_down^T`` accumulated in fp32, then cast.
 
-Bit-for-bit the integers of ``numerics.quantize_activations`` (same fp32 operations, quotients
-correctly rounded, round half to even). The two-level format needs the row maximum before any group
-can be quantized, so each program makes two sweeps over its rows: the first (row max and the
-low-rank dot) reads DRAM, the second re-reads the same rows shortly after, mostly from L2.
-With few token rows (small M) the K axis is sliced too, so that every SM has work: each slice
-program quantizes its slice, computes the row max over the whole row (two-level; L2 hits), and
-writes fp32 partial low-rank sums, which the last program of the row block adds in slice order.
+Bit-for-bit the integers of ``numerics.quantize_activations`` as computed on the CPU (same fp32
+operations, quotients correctly rounded, round half to even; note that PyTorch on CUDA divides by a
+Python scalar as a product with its rounded reciprocal, so the oracle run on a GPU can differ).
+
+One launch, two kinds of programs. Low-rank programs (many token rows and one K slice each, so
+lora_down is re-read from L2 rarely) come first; their fp32 partial sums are added in slice order
+by the last program of a row block (deterministic). Quantizer programs (a few rows each, no tensor
+cores) follow: the two-level format needs the row max before any group can be quantized, so a
+quantizer sweeps its rows twice (the second sweep mostly hits L2); with few token rows (small M)
+the quantizers slice K too, each computing the row max over the whole row (L2 hits).
 """
 
 from __future__ import annotations
@@ -158,34 +161,19 @@ def _quantize_act_lowrank_down_kernel(
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
     LORA_BLOCK_M: tl.constexpr, LORA_BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, LORA_K_SPLIT: tl.constexpr,
-    INTERLEAVE: tl.constexpr,
 ):
-    """Two kinds of programs in one launch: quantizers (few rows each, no tensor cores) and
-    low-rank programs (LORA_BLOCK_M rows each, so lora_down is re-read from L2 rarely).
-
-    INTERLEAVE (no K slices): each low-rank program follows the LORA_BLOCK_M / BLOCK_M quantizers of
-    its rows, so both read those rows at about the same time and x comes from DRAM about once.
-    Otherwise (small M, K slices) the low-rank programs come first; x is small and stays in L2.
+    """Two kinds of programs in one launch: low-rank programs first (LORA_BLOCK_M rows and one K
+    slice each, so lora_down is re-read from L2 rarely and none of them runs long), then the
+    quantizers (few rows each, no tensor cores), which find much of x still in L2.
     """
     pid = tl.program_id(0)
-    if INTERLEAVE:
-        QUANTIZERS_PER_GROUP: tl.constexpr = LORA_BLOCK_M // BLOCK_M
-        group = pid // (QUANTIZERS_PER_GROUP + 1)
-        member = pid % (QUANTIZERS_PER_GROUP + 1)
-        if member == QUANTIZERS_PER_GROUP:
-            _lowrank_down_rows(x_ptr, down_ptr, lora_ptr, partial_ptr, count_ptr, group, 0, M, K, R, K,
-                               DOT_DTYPE, DOT_PRECISION, LORA_BLOCK_M, LORA_BLOCK_K, BLOCK_R, 1)
-        else:
-            _quantize_rows(x_ptr, smooth_ptr, q_ptr, scale_ptr, group * QUANTIZERS_PER_GROUP + member, 0, M, K, K,
-                           GROUP, TWO_LEVEL, BLOCK_M, BLOCK_K, 1)
+    if pid < NUM_LORA_PROGRAMS:
+        _lowrank_down_rows(x_ptr, down_ptr, lora_ptr, partial_ptr, count_ptr, pid // LORA_K_SPLIT, pid % LORA_K_SPLIT,
+                           M, K, R, LORA_K_PER_SPLIT, DOT_DTYPE, DOT_PRECISION, LORA_BLOCK_M, LORA_BLOCK_K, BLOCK_R, LORA_K_SPLIT)
     else:
-        if pid < NUM_LORA_PROGRAMS:
-            _lowrank_down_rows(x_ptr, down_ptr, lora_ptr, partial_ptr, count_ptr, pid // LORA_K_SPLIT, pid % LORA_K_SPLIT,
-                               M, K, R, LORA_K_PER_SPLIT, DOT_DTYPE, DOT_PRECISION, LORA_BLOCK_M, LORA_BLOCK_K, BLOCK_R, LORA_K_SPLIT)
-        else:
-            quantizer = pid - NUM_LORA_PROGRAMS
-            _quantize_rows(x_ptr, smooth_ptr, q_ptr, scale_ptr, quantizer // K_SPLIT, quantizer % K_SPLIT, M, K, K_PER_SPLIT,
-                           GROUP, TWO_LEVEL, BLOCK_M, BLOCK_K, K_SPLIT)
+        quantizer = pid - NUM_LORA_PROGRAMS
+        _quantize_rows(x_ptr, smooth_ptr, q_ptr, scale_ptr, quantizer // K_SPLIT, quantizer % K_SPLIT, M, K, K_PER_SPLIT,
+                       GROUP, TWO_LEVEL, BLOCK_M, BLOCK_K, K_SPLIT)
 
 
 _MAX_FUSED_RANK = 256
@@ -228,9 +216,9 @@ def default_quantize_config(m: int, k: int, rank: int, group_size: int) -> Quant
 
     Example:
         >>> default_quantize_config(4096, 3072, 32, 64).block_m
-        4
+        8
     """
-    return QuantizeConfig(4, max(group_size, 512), 4, 3)
+    return QuantizeConfig(8, max(group_size, 512), 4, 3)
 
 
 _counters: dict[torch.device, Tensor] = {}
@@ -307,23 +295,18 @@ def quantize_act_lowrank_down(
     k_split = min(cfg.k_split, k_blocks) if cfg.k_split else (_slices(row_blocks, k_blocks, 2 * sms) if row_blocks < 2 * sms else 1)
     k_per_split = triton.cdiv(k_blocks, k_split) * cfg.block_k
     k_split = triton.cdiv(k, k_per_split)
-    # Low-rank programs: many rows each (lora_down is re-read from L2 once per program); the
-    # [BLOCK_R, LORA_BLOCK_K] tile of lora_down stays near 16 KB.
+    # Low-rank programs: many rows each (lora_down is re-read from L2 once per program), K sliced
+    # into about one program per SM; the [BLOCK_R, LORA_BLOCK_K] tile of lora_down stays near 16 KB.
     block_r = max(16, triton.next_power_of_2(rank))
     lora_block_m = 128 if m >= 2048 else 64 if m > 32 else 16
     lora_block_k = max(32, min(128, 8192 // block_r))
     lora_row_blocks = triton.cdiv(m, lora_block_m)
-    interleave = rank > 0 and k_split == 1 and lora_block_m % cfg.block_m == 0
-    if interleave:
-        lora_split, lora_k_per_split, num_lora_programs = 1, k, 0
-        grid = lora_row_blocks * (lora_block_m // cfg.block_m + 1)
-    else:
-        lora_k_blocks = triton.cdiv(k, lora_block_k)
-        lora_split = _slices(lora_row_blocks, lora_k_blocks, sms) if rank else 1
-        lora_k_per_split = triton.cdiv(lora_k_blocks, lora_split) * lora_block_k
-        lora_split = triton.cdiv(k, lora_k_per_split)
-        num_lora_programs = lora_row_blocks * lora_split if rank else 0
-        grid = num_lora_programs + row_blocks * k_split
+    lora_k_blocks = triton.cdiv(k, lora_block_k)
+    lora_split = _slices(lora_row_blocks, lora_k_blocks, sms) if rank else 1
+    lora_k_per_split = triton.cdiv(lora_k_blocks, lora_split) * lora_block_k
+    lora_split = triton.cdiv(k, lora_k_per_split)
+    num_lora_programs = lora_row_blocks * lora_split if rank else 0
+    grid = num_lora_programs + row_blocks * k_split
     partials = torch.empty((lora_split, m, block_r) if lora_split > 1 else (1,), dtype=torch.float32, device=x2d.device)
     counters = _zeroed_counters(x2d.device, lora_row_blocks) if lora_split > 1 else partials
     _quantize_act_lowrank_down_kernel[(grid,)](
@@ -333,7 +316,7 @@ def quantize_act_lowrank_down(
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype], DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, K_SPLIT=k_split,
         LORA_BLOCK_M=lora_block_m, LORA_BLOCK_K=lora_block_k, BLOCK_R=block_r, LORA_K_SPLIT=lora_split,
-        INTERLEAVE=interleave, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return act_q, act_scales, lora_act
 
