@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import numbers
 
 import torch
 from torch import fx
 from torch.nn import functional as F
 
+from ..lora import MAX_FUSED_RANK, prepare_lora_layers
 from .base import SVDQPass, copy_meta, emit_w4a4, is_add, is_mul, linear_parts
+
+log = logging.getLogger("svdq_compile")
 
 _DROPOUT_TARGETS = (F.dropout, torch.dropout, torch.nn.functional.dropout)
 
@@ -37,7 +41,13 @@ class LoraLinearFusionPass(SVDQPass):
     adapters are ordinary graph inputs, so changing their values (``set_adapters`` strength,
     another LoRA of the same rank) needs no recompile and no re-quantization. A dropout in
     training mode (or anything else between ``x`` and ``A``) is not matched: that LoRA stays a
-    16-bit branch and ``LinearToW4A4Pass`` still quantizes the base linear.
+    16-bit branch and ``LinearToW4A4Pass`` still quantizes the base linear. So do the adapters past
+    ``MAX_FUSED_RANK`` total rank (SVD rank + adapter ranks, in adapter order), with a logged reason.
+
+    When it meets adapters the pass prepares the compiled module's peft LoRA layers
+    (``svdq_compile.lora.prepare_lora_layers``): strengths become in-place tensors, because a Python
+    float is a graph constant that Dynamo guards on (every change would recompile), and ``merge``
+    (``fuse_lora``) appends to the quantized low-rank factors instead of the 16-bit weight.
 
     Example:
         >>> import operator
@@ -45,24 +55,34 @@ class LoraLinearFusionPass(SVDQPass):
         >>> y = g.call_function(F.linear, (x, w))
         >>> lora = g.call_function(F.linear, (g.call_function(F.linear, (x, a)), b))
         >>> _ = g.output(g.call_function(operator.add, (y, g.call_function(operator.mul, (lora, 0.5)))))
-        >>> adapters, last = _adapters_after(y, x)  # what the pass matches: [(A, B, scale)], final add
-        >>> adapters == [(a, b, 0.5)], last.target is operator.add
+        >>> adapters, adds = _adapters_after(y, x)  # what the pass matches: [(A, B, scale)], their adds
+        >>> adapters == [(a, b, 0.5)], adds[-1].target is operator.add
         (True, True)
     """
 
     def apply(self, graph: fx.Graph) -> int:
         count = 0
+        found_adapters = False
         for node in list(graph.nodes):
             parts = linear_parts(node)
             if parts is None or node.graph is not graph:
                 continue
             x, weight, bias = parts
-            adapters, last = _adapters_after(node, x)
+            adapters, adds = _adapters_after(node, x)
+            found_adapters |= bool(adapters)
             if not adapters:
                 continue
             quant = self.provider.quantized_nodes(graph, weight)
             if quant is None:
                 continue
+            fitting = _fitting_prefix(_rank(quant.lora_down), [_rank(a) for a, _, _ in adapters])
+            if fitting < len(adapters):
+                log.info("svdquant: %s: LoRA adapters %s stay a 16-bit branch: total low-rank rank %d > %d (the fused maximum)",
+                         _source_name(weight), [_source_name(b) for _, b, _ in adapters[fitting:]],
+                         _rank(quant.lora_down) + sum(_rank(a) for a, _, _ in adapters), MAX_FUSED_RANK)
+            if not fitting:
+                continue
+            adapters, last = adapters[:fitting], adds[fitting - 1]
             with graph.inserting_before(last):
                 downs = [quant.lora_down] + [graph.call_method("type_as", (a, quant.lora_down)) for a, _, _ in adapters]
                 ups = [quant.lora_up] + [graph.call_method("type_as", (_scaled(graph, b, s), quant.lora_up)) for _, b, s in adapters]
@@ -72,16 +92,78 @@ class LoraLinearFusionPass(SVDQPass):
             copy_meta(last, fused)
             last.replace_all_uses_with(fused)
             count += 1
+        if found_adapters:
+            _prepare_traced_module()
         return count
+
+
+# Modules whose LoRA layers get prepared once Dynamo has finished compiling them: Dynamo builds
+# its guards after the backend returns, from the values then in the module, so a float strength
+# must still be a float until that is done.
+_PENDING: list[torch.nn.Module] = []
+
+
+def _prepare_traced_module() -> None:
+    """Queue ``prepare_lora_layers`` for the module Dynamo is compiling (the one owning the adapters)."""
+    try:
+        root = torch._dynamo.symbolic_convert.InstructionTranslator.current_tx().f_locals.get("self")
+        handler = torch._dynamo.callback_handler
+    except Exception:  # private API, or not under Dynamo (Inductor's pass, a hand-made graph)
+        return
+    if not isinstance(root, torch.nn.Module):
+        return
+    if not _PENDING and _prepare_pending not in handler.end_callbacks:
+        handler.register_end_callback(_prepare_pending)
+    _PENDING.append(root)
+
+
+def _prepare_pending(_args: object = None) -> None:
+    """Dynamo's end-of-compile callback: prepare the queued modules' LoRA layers."""
+    while _PENDING:
+        if converted := prepare_lora_layers(_PENDING.pop()):
+            log.info("svdquant: LoRA strengths of %d layers were Python floats, which the graph bakes in (each change would recompile); "
+                     "they are in-place tensors now, so this graph recompiles once at its next call. Calling "
+                     "svdq_compile.lora.prepare_lora_layers(model) after loading LoRAs and before compiling avoids that.", converted)
+
+
+def _rank(factor: fx.Node) -> int:
+    """Rows of a low-rank down factor ([R, K]) from its traced example value (0 when the graph
+    carries no values, as in hand-built graphs: the rank limit then cannot apply)."""
+    value = factor.meta.get("example_value", factor.meta.get("val"))
+    return int(value.shape[0]) if isinstance(value, torch.Tensor) else 0
+
+
+def _fitting_prefix(base_rank: int, adapter_ranks: list[int]) -> int:
+    """How many adapters, in order, fit on top of ``base_rank`` within ``MAX_FUSED_RANK``.
+
+    Example:
+        >>> _fitting_prefix(32, [64, 128, 64])
+        2
+    """
+    total, count = base_rank, 0
+    for rank in adapter_ranks:
+        if total + rank > MAX_FUSED_RANK:
+            break
+        total, count = total + rank, count + 1
+    return count
+
+
+def _source_name(node: fx.Node) -> str:
+    """The user-code name of a graph input (Dynamo's source), else the node's name."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    return name or node.name
 
 
 def _scaled(graph: fx.Graph, b: fx.Node, scale: object) -> fx.Node:
     return b if isinstance(scale, numbers.Number) and scale == 1 else graph.call_function(torch.mul, (b, scale))
 
 
-def _adapters_after(base: fx.Node, x: fx.Node) -> tuple[list[tuple[fx.Node, fx.Node, object]], fx.Node]:
-    """The ``(A, B, scale)`` adapters added onto ``base`` one after another, and the last add."""
-    adapters = []
+def _adapters_after(base: fx.Node, x: fx.Node) -> tuple[list[tuple[fx.Node, fx.Node, object]], list[fx.Node]]:
+    """The ``(A, B, scale)`` adapters added onto ``base`` one after another, and the add of each."""
+    adapters, adds = [], []
     current = base
     while len(current.users) == 1:
         (add,) = current.users
@@ -92,8 +174,9 @@ def _adapters_after(base: fx.Node, x: fx.Node) -> tuple[list[tuple[fx.Node, fx.N
         if adapter is None:
             break
         adapters.append(adapter)
+        adds.append(add)
         current = add
-    return adapters, current
+    return adapters, adds
 
 
 def _match_adapter(node: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node, object] | None:
