@@ -229,7 +229,38 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         ms = time_forward(model, inputs, args.iters)
         activations = torch.cuda.max_memory_allocated() - before
         result[tokens] = {"ms": ms, "first_call_s": first_call, "weight_gib": weights / 2**30, "peak_gib": (weights + activations) / 2**30}
+        if args.profile and tokens == args.tokens[0]:
+            result["time_shares"] = time_shares(model, inputs)
     return result
+
+
+# Kernel-name fragments of each share of the forward's GPU time, matched in this order.
+SHARES = (
+    ("W4A4 GEMM", ("w4a4_gemm",)),
+    ("activation quantize", ("quantize_act",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("other GEMMs", ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm", "int4", "sm90", "matmul")),
+)
+
+
+def time_shares(model: nn.Module, inputs: dict) -> dict[str, float]:
+    """Share of GPU kernel time per kind of kernel over 3 profiled forwards (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            model(**inputs)
+        torch.cuda.synchronize()
+    totals = {name: 0.0 for name, _ in SHARES} | {"everything else": 0.0}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if not us or event.key.startswith(("ProfilerStep", "aten::", "Torch-Compiled", "CompiledFunction")):
+            continue
+        key = event.key.lower()
+        share = next((name for name, parts in SHARES if any(p in key for p in parts)), "everything else")
+        totals[share] += us
+    total = sum(totals.values()) or 1.0
+    return {name: round(us / total, 3) for name, us in totals.items()}
 
 
 def _svdq_operands() -> list:
@@ -287,6 +318,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 1024], help="image tokens (4096 = 1024x1024, 1024 = 512x512)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="also report each kind of kernel's share of GPU time")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--cache-dir", default=None, help="svdquant disk cache (default: a fresh folder under --out)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration in this process, print JSON
@@ -299,7 +331,7 @@ def main() -> None:
     rows = []
     for name in args.configs:
         cmd = [sys.executable, __file__, "--one", name, "--blocks", *map(str, args.blocks), "--tokens", *map(str, args.tokens),
-               "--iters", str(args.iters), "--out", args.out, "--cache-dir", args.cache_dir]
+               "--iters", str(args.iters), "--out", args.out, "--cache-dir", args.cache_dir] + (["--profile"] if args.profile else [])
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         with open(os.path.join(args.out, "e2e_log.txt"), "a") as log:
@@ -320,6 +352,12 @@ def main() -> None:
     print(json.dumps(meta))
     for tokens in args.tokens:
         print(table(rows, tokens))
+    shares = [(r["config"], r["time_shares"]) for r in rows if "time_shares" in r]
+    if shares:
+        names = list(shares[0][1])
+        print(f"\n### Share of GPU time, {args.tokens[0]} image tokens\n| config | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1))
+        for config, share in shares:
+            print(f"| {config} | " + " | ".join(f"{share[n]:.0%}" for n in names) + " |")
 
 
 if __name__ == "__main__":
