@@ -31,6 +31,12 @@ def _groups(x: Tensor, group_size: int) -> Tensor:
     return x.float().unflatten(-1, (k // group_size, group_size))
 
 
+def _div(x: Tensor, divisor: float) -> Tensor:
+    # A tensor divisor: on CUDA, PyTorch turns ``tensor / python_float`` into a product with the
+    # rounded reciprocal, one ulp off the true quotient the kernels (and the CPU) compute.
+    return x / torch.tensor(divisor, dtype=x.dtype, device=x.device)
+
+
 def _round_clamp(x: Tensor) -> Tensor:
     # torch.round rounds half to even, as the kernels do. A non-finite input gives q = 0: its scale
     # is already NaN or Inf and carries the non-finite value to the output instead.
@@ -49,7 +55,7 @@ def quantize_int4_groups(x: Tensor, group_size: int = 64, scale_dtype: torch.dty
         ([7, -4], [[1.0]])
     """
     xg = _groups(x, group_size)
-    scale = (xg.abs().amax(-1) / QMAX).to(scale_dtype).float()
+    scale = _div(xg.abs().amax(-1), QMAX).to(scale_dtype).float()
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = _round_clamp(xg / safe.unsqueeze(-1))
     return q.to(torch.int8).flatten(-2), scale.to(scale_dtype)
@@ -69,7 +75,7 @@ def quantize_int4_2level(x: Tensor, group_size: int = 64) -> tuple[Tensor, Tenso
     """
     xg = _groups(x, group_size)
     gmax = xg.abs().amax(-1)
-    s1 = gmax.amax(-1) / _ROW_DIVISOR
+    s1 = _div(gmax.amax(-1), _ROW_DIVISOR)
     s1_safe = torch.where(s1 == 0, torch.ones_like(s1), s1).unsqueeze(-1)
     mult = torch.nan_to_num(torch.ceil(gmax / (s1_safe * QMAX)), nan=1.0).clamp_(1, MULT_MAX)
     q = _round_clamp(xg / (s1_safe * mult).unsqueeze(-1))
