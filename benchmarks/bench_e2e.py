@@ -199,7 +199,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         "int4 weight-only": Int4WeightOnlyLinear,
         "svdquant": lambda lin: QuantizedLinear.from_linear(lin, SVDQuantConfig(rank=32)),
     }
-    quantizer = quantizers.get(name.replace(" warm", "").replace(" + LoRA", ""))
+    quantizer = quantizers.get(name)  # per-layer errors once per method, not again for warm / LoRA runs
     if quantizer is not None:
         inputs = capture_inputs(model, layers, flux_inputs(args.tokens[0]))
         errors = layer_errors(layers, inputs, quantizer)
