@@ -107,7 +107,7 @@ def _merge_into_quantized(layer: nn.Module, safe_merge: bool = False, adapter_na
     peft_merge = type(layer).merge
     weight = layer.get_base_layer().weight
     entries = list(quantized_entries(weight).values())
-    adapters = check_adapters_to_merge(layer, adapter_names)
+    adapters = [a for a in check_adapters_to_merge(layer, adapter_names) if a in layer.lora_A]  # active, and on this layer
     if not entries or not adapters:
         return peft_merge(layer, safe_merge=safe_merge, adapter_names=adapter_names)
     freed = weight.untyped_storage().nbytes() == 0
