@@ -57,18 +57,19 @@ def build_flux(double: int, single: int) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def flux_inputs(image_tokens: int) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(1)
+def flux_inputs(image_tokens: int, device: str = "cuda") -> dict:
+    g = torch.Generator(device=device).manual_seed(1)
     side = int(image_tokens**0.5)
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 3)
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij")
+    img_ids = torch.stack((torch.zeros_like(rows), rows, cols), -1).reshape(-1, 3)
     return dict(
-        hidden_states=torch.randn(1, image_tokens, 64, generator=g, device="cuda", dtype=torch.bfloat16),
-        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 4096, generator=g, device="cuda", dtype=torch.bfloat16),
-        pooled_projections=torch.randn(1, 768, generator=g, device="cuda", dtype=torch.bfloat16),
-        timestep=torch.tensor([0.5], device="cuda", dtype=torch.bfloat16),
-        img_ids=img_ids.cuda(),
-        txt_ids=torch.zeros(TEXT_TOKENS, 3, device="cuda"),
-        guidance=torch.tensor([3.5], device="cuda", dtype=torch.bfloat16),
+        hidden_states=torch.randn(1, image_tokens, 64, generator=g, device=device, dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, TEXT_TOKENS, 4096, generator=g, device=device, dtype=torch.bfloat16),
+        pooled_projections=torch.randn(1, 768, generator=g, device=device, dtype=torch.bfloat16),
+        timestep=torch.tensor([0.5], device=device, dtype=torch.bfloat16),
+        img_ids=img_ids.to(device),
+        txt_ids=torch.zeros(TEXT_TOKENS, 3, device=device),
+        guidance=torch.tensor([3.5], device=device, dtype=torch.bfloat16),
         return_dict=False,
     )
 
@@ -149,7 +150,13 @@ def sample_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 def capture_inputs(model: nn.Module, layers: dict[str, nn.Linear], inputs: dict) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, a[0].detach().clone())) for n, m in layers.items()]
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:  # None: keep the output
+            seen.setdefault(name, args[0].detach().clone())
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in layers.items()]
     with torch.no_grad():
         model(**inputs)
     for h in hooks:
