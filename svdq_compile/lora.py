@@ -135,10 +135,20 @@ def _merge_into_quantized(layer: nn.Module, safe_merge: bool = False, adapter_na
 def _unmerge_from_quantized(layer: nn.Module) -> None:
     """peft ``unmerge`` that also restores the quantized low-rank factors ``merge`` extended."""
     saved = layer.__dict__.get("_svdq_before_merge", [])
-    if layer.get_base_layer().weight.untyped_storage().nbytes() or not saved:
-        type(layer).unmerge(layer)
-    else:
+    freed = layer.get_base_layer().weight.untyped_storage().nbytes() == 0
+    if freed and not saved and layer.merged:
+        raise RuntimeError("svdquant: cannot unfuse a LoRA that was fused into the 16-bit weight before it was quantized and freed; "
+                           "fuse after compiling, or keep the weights with options={'free_weights': False} and recompile after unfusing")
+    if freed:
         layer.merged_adapters.clear()
+    else:
+        merged_before_quantizing = layer.merged and not saved
+        type(layer).unmerge(layer)
+        if merged_before_quantizing:
+            from . import backend  # lazy, as in _merge_into_quantized
+
+            # the quantized operands hold the fused LoRA: forget them, so the next call quantizes the unmerged weight
+            backend._QUANTIZED.pop(layer.get_base_layer().weight, None)
     while saved:
         entry, down, up = saved.pop()
         entry.lora_down, entry.lora_up = down, up

@@ -262,3 +262,23 @@ def test_float_strengths_are_converted_with_one_recompile_then_none(caplog):
             assert rel_err(ref - previous_fp, ref) > 0.1  # the strength matters
             assert rel_err(out - previous, ref - previous_fp) < DELTA_TOL
             previous, previous_fp = out, ref
+
+
+def test_unfuse_of_a_lora_fused_before_compiling():
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(7))
+    for free in (True, False):
+        model = lora_model({"s": (8, ["fc"])})
+        plain = copy.deepcopy(model)
+        model.fc.merge()  # fused into the 16-bit weight, which the compile then quantizes
+        compiled = torch.compile(model, backend="svdquant", fullgraph=True, options=OPTIONS | {"free_weights": free})
+        with torch.no_grad():
+            fused = compiled(x)
+            if free:
+                with pytest.raises(RuntimeError, match="cannot unfuse"):
+                    model.fc.unmerge()
+                continue
+            model.fc.unmerge()
+            unfused = compiled(x)  # the unmerged weight is quantized again, not the fused one reused
+            # two 4-bit layers: ~0.1 from the fp output; a reused (stale) fused weight would add the LoRA twice
+            no_lora = plain.skipme(torch.relu(plain.fc.base_layer(x)))
+            assert rel_err(unfused, plain(x)) < 0.15 < rel_err(plain(x), no_lora)

@@ -44,7 +44,7 @@ class LoraLinearFusionPass(SVDQPass):
     16-bit branch and ``LinearToW4A4Pass`` still quantizes the base linear. So do the adapters past
     ``MAX_FUSED_RANK`` total rank (SVD rank + adapter ranks, in adapter order), with a logged reason.
 
-    When it meets adapters the pass prepares the compiled module's peft LoRA layers
+    The pass prepares the compiled module's peft LoRA layers
     (``svdq_compile.lora.prepare_lora_layers``): strengths become in-place tensors, because a Python
     float is a graph constant that Dynamo guards on (every change would recompile), and ``merge``
     (``fuse_lora``) appends to the quantized low-rank factors instead of the 16-bit weight.
@@ -62,14 +62,12 @@ class LoraLinearFusionPass(SVDQPass):
 
     def apply(self, graph: fx.Graph) -> int:
         count = 0
-        found_adapters = False
         for node in list(graph.nodes):
             parts = linear_parts(node)
             if parts is None or node.graph is not graph:
                 continue
             x, weight, bias = parts
             adapters, adds = _adapters_after(node, x)
-            found_adapters |= bool(adapters)
             if not adapters:
                 continue
             quant = self.provider.quantized_nodes(graph, weight)
@@ -92,8 +90,7 @@ class LoraLinearFusionPass(SVDQPass):
             copy_meta(last, fused)
             last.replace_all_uses_with(fused)
             count += 1
-        if found_adapters:
-            _prepare_traced_module()
+        _prepare_traced_module()  # also when no adapter is in the graph: a fused or disabled LoRA can be unfused or enabled later
         return count
 
 
@@ -122,7 +119,7 @@ def _prepare_pending(_args: object = None) -> None:
     while _PENDING:
         if converted := prepare_lora_layers(_PENDING.pop()):
             log.info("svdquant: LoRA strengths of %d layers were Python floats, which the graph bakes in (each change would recompile); "
-                     "they are in-place tensors now, so this graph recompiles once at its next call. Calling "
+                     "they are in-place tensors now, so a graph that read them recompiles once at its next call. Calling "
                      "svdq_compile.lora.prepare_lora_layers(model) after loading LoRAs and before compiling avoids that.", converted)
 
 
