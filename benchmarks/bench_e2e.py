@@ -279,7 +279,7 @@ def _svdq_operands() -> list:
     return [q for per_config in backend._QUANTIZED.values() for q in per_config.values()]
 
 
-def plot(rows: list[dict], tokens: int, path: str) -> None:
+def plot(rows: list[dict], tokens: int, path: str, device: str) -> None:
     try:
         import matplotlib
 
@@ -296,7 +296,7 @@ def plot(rows: list[dict], tokens: int, path: str) -> None:
     axes[1].barh(names, [r[tokens]["weight_gib"] for r in rows if tokens in r], color="tab:green", label="weights")
     axes[1].set_xlabel("memory (GiB)")
     axes[1].legend()
-    fig.suptitle(f"FLUX-sized transformer, {tokens} image + {TEXT_TOKENS} text tokens, {torch.cuda.get_device_name()}")
+    fig.suptitle(f"FLUX-sized transformer, {tokens} image + {TEXT_TOKENS} text tokens, {device}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -328,8 +328,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also report each kind of kernel's share of GPU time")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--cache-dir", default=None, help="svdquant disk cache (default: a fresh folder under --out)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table and plot of earlier runs' e2e_results.json files together")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration in this process, print JSON
     args = parser.parse_args()
+    if args.merge:
+        runs = [json.load(open(path)) for path in args.merge]
+        rows = [{k if not k.isdigit() else int(k): v for k, v in row.items()} for run in runs for row in run["rows"]]
+        report(rows, [run["meta"] for run in runs], args.tokens, args.out)
+        return
     args.cache_dir = args.cache_dir or os.path.join(args.out, "svdq_cache")
     if args.one:
         print("RESULT " + json.dumps(run_config(args.one, args)))
@@ -355,14 +361,21 @@ def main() -> None:
             "blocks": args.blocks, "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:])}
     with open(os.path.join(args.out, "e2e_results.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
-    plot(rows, args.tokens[0], os.path.join(args.out, "e2e.png"))
-    print(json.dumps(meta))
-    for tokens in args.tokens:
+    report(rows, [meta], args.tokens, args.out)
+
+
+def report(rows: list[dict], metas: list[dict], tokens_list: list[int], out: str) -> None:
+    """Print the Markdown tables (and shares of GPU time) and write e2e.png."""
+    os.makedirs(out, exist_ok=True)
+    plot(rows, tokens_list[0], os.path.join(out, "e2e.png"), metas[0]["device"])
+    for meta in metas:
+        print(json.dumps(meta))
+    for tokens in tokens_list:
         print(table(rows, tokens))
     shares = [(r["config"], r["time_shares"]) for r in rows if "time_shares" in r]
     if shares:
         names = list(shares[0][1])
-        print(f"\n### Share of GPU time, {args.tokens[0]} image tokens\n| config | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1))
+        print(f"\n### Share of GPU time, {tokens_list[0]} image tokens\n| config | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1))
         for config, share in shares:
             print(f"| {config} | " + " | ".join(f"{share[n]:.0%}" for n in names) + " |")
 
