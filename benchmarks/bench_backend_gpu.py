@@ -19,6 +19,7 @@ Usage: PYTHONPATH=. python benchmarks/bench_backend_gpu.py --out $OUT [--budget 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -142,6 +143,8 @@ def layer_check() -> dict:
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(3072, 12288, device="cuda", dtype=torch.bfloat16)
+    lin2 = torch.nn.Linear(3072, 12288, device="cuda", dtype=torch.bfloat16)
+    lin2.load_state_dict(lin.state_dict())  # before compiling: the backend frees lin's weight after its first call
     x = torch.randn(2, 512, 3072, device="cuda", dtype=torch.bfloat16)
     x[..., :8] *= 20
     with torch.no_grad():
@@ -149,7 +152,15 @@ def layer_check() -> dict:
         fp = lin(x).float()
         out = torch.compile(lin, backend=svdquant_backend, options={"cache_dir": ""})(x).float()
     err = lambda a, b: (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()  # noqa: E731
-    return {"backend_vs_quantizedlinear": err(out, ref), "backend_vs_bf16": err(out, fp)}
+    result = {"backend_vs_quantizedlinear": err(out, ref), "backend_vs_bf16": err(out, fp)}
+    # mode="reduce-overhead": CUDA graphs over the op, weights freed after the first call
+    backend = functools.partial(svdquant_backend, options={"cache_dir": ""})
+    compiled = torch.compile(lin2, backend=backend, mode="reduce-overhead")
+    with torch.no_grad():
+        outs = [compiled(x).float().clone() for _ in range(4)]
+    result["reduce_overhead_vs_quantizedlinear"] = max(err(o, ref) for o in outs)
+    result["reduce_overhead_weight_freed"] = lin2.weight.untyped_storage().nbytes() == 0
+    return result
 
 
 def main() -> None:

@@ -20,9 +20,10 @@ Backend (``torch.compile(model, backend="svdquant", options={...})``, found by n
 4. After the first call that used a quantized weight, its 16-bit storage is released with
    ``untyped_storage().resize_(0)``: shape and strides stay, so Dynamo's guards still pass and
    recompiles still trace, but the memory is gone. A weight that any compiled graph still reads in
-   16-bit is never freed. Eager calls of the module afterwards fail in PyTorch with
-   ``setStorage: ... out of bounds for storage of size 0``; ``options={"free_weights": False}``
-   keeps the weights.
+   16-bit is never freed. Eager forward calls afterwards fail in PyTorch with
+   ``setStorage: ... out of bounds for storage of size 0``, but copies of a freed weight (moving the
+   model, deepcopy, saving a state_dict) are unchecked and crash or read garbage, as for FSDP's
+   freed storages; ``options={"free_weights": False}`` keeps the weights (docs/backend.md).
 
 ``SVDQUANT=0`` in the environment (read at each compile) makes the backend plain Inductor.
 
