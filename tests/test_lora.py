@@ -1,12 +1,14 @@
 """LoRA on a model compiled with backend="svdquant": load, stack, re-weight, disable, hotswap, fuse, unload.
 
-Every operation is applied to two models: the svdquant-compiled tiny FLUX transformer (fp32, 16-bit
-weights freed after the first call, the default) and an uncompiled fp32 "mirror" with the same
-LoRA configuration. diffusers' LoRA API is called at the transformer level (``load_lora_adapter``,
-``set_adapters``, ``disable_lora`` / ``enable_lora``, ``enable_lora_hotswap`` + ``load_lora_adapter(...,
-hotswap=True)``, ``fuse_lora`` / ``unfuse_lora``, ``unload_lora``): a pipeline's ``load_lora_weights``,
-``set_adapters``, ``fuse_lora`` and ``unload_lora_weights`` forward to exactly these for its
-transformer. LoRAs are written with peft (``get_peft_model_state_dict``) and saved as safetensors.
+Every operation is applied to two pipelines: one whose tiny FLUX transformer is compiled with
+backend="svdquant" (fp32, 16-bit weights freed after the first call, the default) and an
+uncompiled fp32 "mirror" with the same LoRA configuration. The pipelines are ``MiniPipe``: diffusers'
+``FluxLoraLoaderMixin`` (FluxPipeline's LoRA API: ``load_lora_weights``, ``set_adapters(...,
+adapter_weights=...)``, ``disable_lora`` / ``enable_lora``, ``enable_lora_hotswap`` + ``load_lora_weights(...,
+hotswap=True)``, ``fuse_lora`` / ``unfuse_lora``, ``unload_lora_weights``, ``delete_adapters``) over just
+a transformer, without text encoders or a scheduler. The two small tests at the end call peft's
+layer API directly. LoRAs are written with peft (``get_peft_model_state_dict``) and saved as
+safetensors in diffusers' format.
 
 What is compared is the LoRA's effect, ``out(LoRA config) - out(no LoRA)``, quantized against fp32:
 the quantized model's base output differs from fp32 by the 4-bit error (about 3% on this model), and
@@ -20,6 +22,7 @@ import logging
 
 import pytest
 import torch
+from diffusers.loaders import FluxLoraLoaderMixin
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 from torch import nn
@@ -60,6 +63,21 @@ def write_peft_lora(path, base: nn.Module, targets: list[str], rank: int, seed: 
     return str(path)
 
 
+class MiniPipe(FluxLoraLoaderMixin):
+    """FluxPipeline's LoRA methods over a transformer alone (no text encoder LoRAs)."""
+
+    _lora_loadable_modules = ["transformer", "text_encoder"]
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self.transformer = transformer
+        self.text_encoder = None
+        self.hf_device_map = None
+
+    @property
+    def components(self) -> dict:
+        return {"transformer": self.transformer, "text_encoder": None}
+
+
 class LoraPair:
     """The svdquant-compiled model and its fp32 mirror, driven through the same LoRA calls."""
 
@@ -76,24 +94,29 @@ class LoraPair:
             self.fp_base = base(**flux_inputs())[0]
             self.q_base = swap_to_quantized(copy.deepcopy(base))(**flux_inputs())[0]
         self.model, self.mirror = base, copy.deepcopy(base)
+        self.pipes = (MiniPipe(self.model), MiniPipe(self.mirror))
         # hotswap must be enabled before the first adapter is loaded (diffusers' rule); target_rank
         # pads "a" to 16 so a LoRA of rank <= 16 can replace it in place
-        self.both(lambda m: m.enable_lora_hotswap(target_rank=16))
+        self.both(lambda p: p.enable_lora_hotswap(target_rank=16))
         self.load("a")
         self.load("b")
-        self.both(lambda m: m.set_adapters(["a", "b"], weights=[1.0, 1.0]))
+        self.both(lambda p: p.set_adapters(["a", "b"], adapter_weights=[1.0, 1.0]))
         prepare_lora_layers(self.model)  # documented: saves the one recompile the pass would cause
-        self.compiled = torch.compile(self.model, backend="svdquant", fullgraph=True, options=OPTIONS)
+        # in place (diffusers' recommended pipe.transformer.compile(...)): the pipeline's LoRA methods
+        # look for ModelMixin instances and skip a torch.compile wrapper (OptimizedModule)
+        self.model.compile(backend="svdquant", fullgraph=True, options=OPTIONS)
+        self.compiled = self.model
         start = len(svdq_backend.recent_summaries)
         self.check()
         self.first_summaries = list(svdq_backend.recent_summaries)[start:]
 
     def both(self, op) -> None:
-        op(self.model)
-        op(self.mirror)
+        """``op(pipe)`` on the quantized pipeline and on the fp32 mirror."""
+        for pipe in self.pipes:
+            op(pipe)
 
     def load(self, key: str, adapter_name: str | None = None, hotswap: bool = False) -> None:
-        self.both(lambda m: m.load_lora_adapter(self.files[key], adapter_name=adapter_name or key, prefix="transformer", hotswap=hotswap))
+        self.both(lambda p: p.load_lora_weights(self.files[key], adapter_name=adapter_name or key, hotswap=hotswap))
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -130,27 +153,27 @@ def test_loaded_before_compile_two_adapters_fused_into_one_op(pair):
 def test_set_adapters_weights_change_without_recompile(pair):
     previous_q, previous_fp = pair.check()
     for weights in ([0.5, 1.5], [-0.8, 0.3]):
-        pair.both(lambda m: m.set_adapters(["a", "b"], weights=weights))
+        pair.both(lambda p: p.set_adapters(["a", "b"], adapter_weights=weights))
         with no_recompile():
             q_delta, fp_delta = pair.check()
         # not stale: the previous strengths' delta is far from the new one
         assert rel_err(previous_q, fp_delta) > DELTA_TOL
         previous_q = q_delta
-    pair.both(lambda m: m.set_adapters(["a", "b"], weights=[1.0, 1.0]))
+    pair.both(lambda p: p.set_adapters(["a", "b"], adapter_weights=[1.0, 1.0]))
 
 
 def test_one_adapter_active_then_both_again(pair):
-    pair.both(lambda m: m.set_adapters(["b"], weights=[0.7]))
+    pair.both(lambda p: p.set_adapters(["b"], adapter_weights=[0.7]))
     pair.check()  # another set of active adapters is another graph (one recompile)
-    pair.both(lambda m: m.set_adapters(["a", "b"], weights=[0.9, 1.1]))
+    pair.both(lambda p: p.set_adapters(["a", "b"], adapter_weights=[0.9, 1.1]))
     with no_recompile():  # back to the first graph, with the new strengths
         pair.check()
 
 
 def test_disable_then_enable_lora(pair):
-    pair.both(lambda m: m.disable_lora())
+    pair.both(lambda p: p.disable_lora())
     pair.check(lora_active=False)
-    pair.both(lambda m: m.enable_lora())
+    pair.both(lambda p: p.enable_lora())
     with no_recompile():
         pair.check()
 
@@ -167,38 +190,38 @@ def test_hotswap_same_and_smaller_rank_without_recompile(pair):
 
 def test_lora_loaded_after_compile(pair):
     pair.load("late")
-    pair.both(lambda m: m.set_adapters(["a", "b", "late"], weights=[1.0, 0.5, 1.0]))
+    pair.both(lambda p: p.set_adapters(["a", "b", "late"], adapter_weights=[1.0, 0.5, 1.0]))
     pair.check()
-    pair.both(lambda m: m.set_adapters(["a", "b", "late"], weights=[0.2, 0.5, -1.0]))
+    pair.both(lambda p: p.set_adapters(["a", "b", "late"], adapter_weights=[0.2, 0.5, -1.0]))
     with no_recompile():
         pair.check()
-    pair.both(lambda m: m.delete_adapters("late"))
-    pair.both(lambda m: m.set_adapters(["a", "b"], weights=[1.0, 1.0]))
+    pair.both(lambda p: p.delete_adapters("late"))
+    pair.both(lambda p: p.set_adapters(["a", "b"], adapter_weights=[1.0, 1.0]))
 
 
 def test_fuse_lora_on_freed_weights_then_unfuse(pair):
     unfused_q, _ = pair.check()
     assert pair.model.transformer_blocks[0].attn.to_q.base_layer.weight.untyped_storage().nbytes() == 0  # freed
-    pair.both(lambda m: m.fuse_lora(lora_scale=0.6))
+    pair.both(lambda p: p.fuse_lora(lora_scale=0.6))
     fused_q, fused_fp = pair.check()
     assert rel_err(unfused_q, fused_fp) > DELTA_TOL  # fuse's lora_scale took effect
-    pair.both(lambda m: m.unfuse_lora())
-    pair.both(lambda m: m.set_adapters(["a", "b"], weights=[1.0, 1.0]))  # unfuse leaves peft's scales at 0.6
+    pair.both(lambda p: p.unfuse_lora())
+    pair.both(lambda p: p.set_adapters(["a", "b"], adapter_weights=[1.0, 1.0]))  # unfuse leaves peft's scales at 0.6
     with no_recompile():  # the unfused graph again, with the quantized factors restored
         again, _ = pair.check()
     assert rel_err(again, unfused_q) < 1e-4
 
 
 def test_fuse_then_unload_keeps_the_fused_lora(pair):
-    pair.both(lambda m: m.fuse_lora(lora_scale=0.8))
-    pair.both(lambda m: m.unload_lora())
+    pair.both(lambda p: p.fuse_lora(lora_scale=0.8))
+    pair.both(lambda p: p.unload_lora_weights())
     pair.check()
 
 
 def test_unload_without_fuse_restores_base(tmp_path):
     # own model: the shared one has a fused LoRA by now
     pair = LoraPair(tmp_path)
-    pair.both(lambda m: m.unload_lora())
+    pair.both(lambda p: p.unload_lora_weights())
     pair.check(lora_active=False)
 
 
