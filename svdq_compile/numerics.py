@@ -100,9 +100,9 @@ def split_2level(operand: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor]
     operand ``expand_2level`` made, and it reproduces the operand bit for bit.
 
     Example:
-        >>> q, m = split_2level(expand_2level(torch.full((1, 64), 3, dtype=torch.int8), torch.tensor([[5]], dtype=torch.uint8)))
+        >>> q, m = split_2level(expand_2level(torch.full((1, 64), 7, dtype=torch.int8), torch.tensor([[5]], dtype=torch.uint8)))
         >>> m.item(), q[0, 0].item()
-        (5, 3)
+        (5, 7)
     """
     e = operand.to(torch.int16).unflatten(-1, (-1, group_size))
     mult = torch.zeros(e.shape[:-1], dtype=torch.int16, device=e.device)
