@@ -133,9 +133,19 @@ class Compiled:
         self.summaries = list(svdq_backend.recent_summaries)[start:]
 
 
+_BUILT: dict[str, Compiled] = {}
+
+
+def built(name: str) -> Compiled:
+    """Each model compiled once per session (Inductor's CPU compile is the slow part)."""
+    if name not in _BUILT:
+        _BUILT[name] = Compiled(*MODELS[name])
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
 def compiled(request) -> Compiled:
-    return Compiled(*MODELS[request.param])
+    return built(request.param)
 
 
 def test_every_eligible_linear_is_rewritten(compiled):
@@ -168,7 +178,7 @@ def test_16bit_weights_freed_after_first_call(compiled):
 
 @pytest.fixture(scope="module")
 def flux() -> Compiled:
-    return Compiled(*MODELS["flux"])
+    return built("flux")  # shared with the parametrized tests above, which run first and do not change it
 
 
 def test_second_resolution_recompiles_without_requantizing(flux):
