@@ -309,7 +309,7 @@ def table(rows: list[dict], tokens: int) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if tokens not in r:
-            lines.append(f"| {r['config']} | failed: {r.get('error', '?')[:80]} | | | | | |")
+            lines.append(f"| {r['config']} | " + (f"failed: {r['error'][:80]}" if "error" in r else "not run at this size") + " | | | | | |")
             continue
         m = r[tokens]
         speed = f"{base / m['ms']:.2f}x" if base else "-"
