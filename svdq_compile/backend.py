@@ -376,20 +376,6 @@ def _free(weight: Tensor) -> bool:
     return True
 
 
-def _static_fakes(extra: list[Tensor], example_inputs: Sequence[Any]) -> list[Tensor]:
-    """The extra (quantized-operand) inputs as fake tensors of Dynamo's fake mode with static shapes.
-
-    They have no Dynamo source, so a symbolic size on them would make any guard Inductor adds
-    (e.g. its 32-bit indexing check on a ``cat`` of LoRA factors) impossible to express: Dynamo
-    then fails while building guards (seen on torch 2.11, CUDA). Their shapes never change.
-    """
-    fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    if fake_mode is None:
-        return list(extra)
-    with fake_mode:
-        return [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
-
-
 def _inductor_patches(mode: str | None) -> dict[str, Any]:
     """Inductor config that ``torch.compile(mode=...)`` applies, with a clear error on a typo."""
     from torch._inductor import list_mode_options
@@ -458,7 +444,7 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
     gm.recompile()
     _mark_16bit_reads(gm, example_inputs)
     start = time.perf_counter()
-    compiled = compile_fx(gm, [*example_inputs, *_static_fakes(provider.extra_inputs, example_inputs)], config_patches=patches)
+    compiled = compile_fx(gm, [*example_inputs, *provider.extra_inputs], config_patches=patches)
     summary.compile_seconds = time.perf_counter() - start
     summary.report(free_weights=config.free_weights)
     recent_summaries.append(summary)

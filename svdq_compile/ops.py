@@ -78,6 +78,26 @@ def _w4a4_linear_fake(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 
 
+@torch.library.custom_op("svdq::concat_lowrank", mutates_args=())
+def concat_lowrank(factors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` of low-rank factors (the SVD branch and appended LoRAs), opaque to Inductor.
+
+    The quantized factors' rank is symbolic in compiled graphs (a graph serves blocks whose branches
+    differ), and a concatenation that Inductor generated itself would guard on that size, which
+    Dynamo cannot express (no source): seen on torch 2.11 with CUDA. As an op it is one copy.
+
+    Example:
+        >>> concat_lowrank([torch.ones(2, 4), torch.zeros(1, 4)], 0).shape
+        torch.Size([3, 4])
+    """
+    return torch.cat(factors, dim)
+
+
+@concat_lowrank.register_fake
+def _concat_lowrank_fake(factors, dim):
+    return torch.cat(factors, dim)
+
+
 def w4a4_linear(
     x: Tensor,
     weight_q: Tensor,

@@ -68,7 +68,7 @@ def capture(module: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, list]:
 
 def op_counts(graph: fx.Graph) -> dict[str, int]:
     dropouts = sum(1 for n in graph.nodes if n.op == "call_function" and n.target in (F.dropout, torch.dropout))
-    cats = sum(1 for n in graph.nodes if n.op == "call_function" and n.target is torch.cat)
+    cats = sum(1 for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.svdq.concat_lowrank.default)
     return {"linear": count_linears(graph), "w4a4": count_w4a4(graph), "dropout": dropouts, "cat": cats}
 
 

@@ -29,8 +29,8 @@ class LoraLinearFusionPass(SVDQPass):
 
     After::
 
-        down = cat([lora_down, A1.type_as(lora_down), A2.type_as(lora_down)], 0)
-        up   = cat([lora_up, (B1 * s1).type_as(lora_up), (B2 * s2).type_as(lora_up)], 1)
+        down = concat_lowrank([lora_down, A1.type_as(lora_down), A2.type_as(lora_down)], 0)
+        up   = concat_lowrank([lora_up, (B1 * s1).type_as(lora_up), (B2 * s2).type_as(lora_up)], 1)
         y = svdq.w4a4_linear(x, W_q, scales, smooth_inv, down, up, b, 64)
 
     Adapters in another dtype than the model (peft's fp32 adapters on a bf16 model trace as
@@ -84,8 +84,9 @@ class LoraLinearFusionPass(SVDQPass):
             with graph.inserting_before(last):
                 downs = [quant.lora_down] + [graph.call_method("type_as", (a, quant.lora_down)) for a, _, _ in adapters]
                 ups = [quant.lora_up] + [graph.call_method("type_as", (_scaled(graph, b, s), quant.lora_up)) for _, b, s in adapters]
-                down = graph.call_function(torch.cat, (downs, 0))
-                up = graph.call_function(torch.cat, (ups, 1))
+                # an opaque op, not torch.cat: see ops.concat_lowrank
+                down = graph.call_function(torch.ops.svdq.concat_lowrank.default, (downs, 0))
+                up = graph.call_function(torch.ops.svdq.concat_lowrank.default, (ups, 1))
                 fused = emit_w4a4(graph, x, quant, bias, down, up)
             copy_meta(last, fused)
             last.replace_all_uses_with(fused)
