@@ -56,7 +56,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cache, calibration
 from .config import SVDQuantConfig
-from .passes.base import linear_parts
+from .passes.base import QuantizedNodes, linear_parts
 from .passes.pass_manager import SVDQPassManager
 from .quantized_linear import QuantizedLinear
 from .summary import CompileSummary
@@ -244,16 +244,6 @@ def _repeated_block_prefix() -> str:
 
 
 @dataclass
-class _QuantNodes:
-    weight_q: fx.Node
-    weight_scales: fx.Node
-    smooth_inv: fx.Node
-    lora_down: fx.Node
-    lora_up: fx.Node
-    group_size: int
-
-
-@dataclass
 class _Layer:
     input_index: int  # position of the 16-bit weight among the graph's inputs
     name: str
@@ -266,15 +256,15 @@ class _Provider:
         self.config = config
         self.config_id = config_key(config)
         self.summary = summary
-        self.decided: dict[fx.Node, _QuantNodes | None] = {}
+        self.decided: dict[fx.Node, QuantizedNodes | None] = {}
         self.progress = None
 
-    def quantized_nodes(self, graph: fx.Graph, weight: fx.Node) -> _QuantNodes | None:
+    def quantized_nodes(self, graph: fx.Graph, weight: fx.Node) -> QuantizedNodes | None:
         if weight not in self.decided:
             self.decided[weight] = self._decide(graph, weight)
         return self.decided[weight]
 
-    def _decide(self, graph: fx.Graph, weight: fx.Node) -> _QuantNodes | None:
+    def _decide(self, graph: fx.Graph, weight: fx.Node) -> QuantizedNodes | None:
         found = self.tensor_and_name(weight)
         if found is None:
             return None
@@ -303,7 +293,7 @@ class _Provider:
     def tensor_and_name(self, weight: fx.Node) -> tuple[Tensor, str] | None:
         raise NotImplementedError
 
-    def make_nodes(self, graph: fx.Graph, weight: fx.Node, name: str, entry: QuantizedWeight) -> _QuantNodes:
+    def make_nodes(self, graph: fx.Graph, weight: fx.Node, name: str, entry: QuantizedWeight) -> QuantizedNodes:
         raise NotImplementedError
 
 
@@ -327,7 +317,7 @@ class _BackendProvider(_Provider):
         source = source() if callable(source) else source
         return self.example_inputs[self.index[weight]], self.prefix + weight_name(source)
 
-    def make_nodes(self, graph: fx.Graph, weight: fx.Node, name: str, entry: QuantizedWeight) -> _QuantNodes:
+    def make_nodes(self, graph: fx.Graph, weight: fx.Node, name: str, entry: QuantizedWeight) -> QuantizedNodes:
         last = list(graph.find_nodes(op="placeholder"))[-1]
         nodes = []
         for field_name, tensor in zip(_OPERAND_FIELDS, entry.operands()):
@@ -341,7 +331,7 @@ class _BackendProvider(_Provider):
             nodes.append(last)
             self.extra_inputs.append(tensor)
         self.layers.append(_Layer(self.index[weight], name))
-        return _QuantNodes(*nodes, entry.group_size)
+        return QuantizedNodes(*nodes, entry.group_size)
 
 
 class _RuntimeCall:
@@ -474,7 +464,7 @@ class _FrozenProvider(_Provider):
             tensor = getattr(tensor, part)
         return tensor, weight_name(self.fqn.get(weight.target, str(weight.target)))
 
-    def make_nodes(self, graph: fx.Graph, weight: fx.Node, name: str, entry: QuantizedWeight) -> _QuantNodes:
+    def make_nodes(self, graph: fx.Graph, weight: fx.Node, name: str, entry: QuantizedWeight) -> QuantizedNodes:
         nodes = []
         for field_name, tensor in zip(_OPERAND_FIELDS, entry.operands()):
             attr = f"_svdq_{self.count}_{field_name}"
@@ -488,7 +478,7 @@ class _FrozenProvider(_Provider):
             with graph.inserting_after(weight):
                 nodes.append(graph.get_attr(attr))
         self.count += 1
-        return _QuantNodes(*nodes, entry.group_size)
+        return QuantizedNodes(*nodes, entry.group_size)
 
 
 try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import operator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -27,7 +28,8 @@ W4A4_OP = torch.ops.svdq.w4a4_linear.default
 _LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 
 
-class QuantizedNodes(Protocol):
+@dataclass
+class QuantizedNodes:
     """The graph nodes of one quantized weight, in the op's argument order."""
 
     weight_q: fx.Node
