@@ -13,6 +13,7 @@ from .backend import register_inductor_pass, unregister_inductor_pass
 from .calibration import calibrate
 from .checkpoint import load_quantized, save_quantized
 from .config import SVDQuantConfig
+from .lora import prepare_lora_layers
 from .ops import w4a4_linear
 from .quantized_linear import CalibrationStats, QuantizedLinear
 
@@ -26,6 +27,7 @@ __all__ = [
     "unregister_inductor_pass",
     "save_quantized",
     "load_quantized",
+    "prepare_lora_layers",
 ]
 
 if _os.environ.get("SVDQUANT", "").strip() == "1":
