@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import zlib
 
 import pytest
 import torch
@@ -34,31 +33,8 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved_interpret
 
 from svdq_compile import numerics  # noqa: E402
-from test_kernels_gpu import near_tie_rows  # noqa: E402  (tests/ is on sys.path: it holds conftest.py)
+from kernel_checks import FP32_EPS, gemm_bound, near_tie_rows, outlier_input, seed, ulp_bound  # noqa: E402
 
-FP32_EPS = 2.0**-24  # unit roundoff
-MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
-
-
-def _seed(*parts: object) -> int:
-    return zlib.crc32(repr(parts).encode())  # stable across runs, unlike hash() of a str
-
-
-def _outlier_input(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """Gaussian tokens where a few channels are 30-100x larger, as in diffusion transformers."""
-    x = torch.randn(m, k, generator=gen)
-    boost = torch.ones(k)
-    outliers = torch.randperm(k, generator=gen)[: max(2, k // 32)]
-    boost[outliers] = 30 + 70 * torch.rand(outliers.numel(), generator=gen)
-    return (x * boost).to(dtype)
-
-
-def _ulp_bound(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """At least one unit in the last place of ``dtype`` at ``|ref|`` (one rounding may flip it)."""
-    if dtype == torch.float32:
-        return torch.zeros_like(ref)
-    smallest = 2.0**-24 if dtype == torch.float16 else 2.0**-133
-    return (ref.abs() * 2.0 ** -MANTISSA_BITS[dtype]).clamp_min(smallest)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,9 +53,9 @@ def test_kernels_run_under_the_interpreter():
 @pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_quantize_act_lowrank_down_matches_reference(dtype, two_level, rank):
-    gen = torch.Generator().manual_seed(_seed(dtype, two_level, rank))
+    gen = torch.Generator().manual_seed(seed(dtype, two_level, rank))
     m, k = 37, 64 * 3
-    x = _outlier_input(m, k, dtype, gen)
+    x = outlier_input(m, k, dtype, gen)
     smooth_inv = 0.25 + torch.rand(k, generator=gen)
     lora_down = (torch.randn(rank, k, generator=gen) / k**0.5).to(dtype)
     # Larger quantizer tiles than the GPU default keep the interpreter fast; the default runs below.
@@ -92,7 +68,7 @@ def test_quantize_act_lowrank_down_matches_reference(dtype, two_level, rank):
     # (first order); the cast to x's dtype then rounds once, which can move the result by one ulp of
     # that dtype when the two fp32 sums straddle a rounding boundary.
     abs_sum = x.float().abs() @ lora_down.float().abs().T
-    bound = k * FP32_EPS * abs_sum + _ulp_bound(ref_lora.float(), dtype)
+    bound = k * FP32_EPS * abs_sum + ulp_bound(ref_lora.float(), dtype)
     assert ((lora_act.float() - ref_lora.float()).abs() <= bound).all()
 
 
@@ -101,7 +77,7 @@ def test_quantize_edge_rows(two_level):
     """Exact ties, a zero token, a token with NaN, one with Inf, a batch of one: same as the oracle."""
     gen = torch.Generator().manual_seed(7)
     k = 64 * 5
-    x = _outlier_input(19, k, torch.bfloat16, gen)
+    x = outlier_input(19, k, torch.bfloat16, gen)
     # Row 0: group 0 has max 112 (s1 = 1, mult 16; int4 scale 16), group 1 max 7 (mult 1; scale 1):
     # its other entries land exactly on .5 after division, where rounding half to even matters.
     halves = torch.tensor([0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, -3.5])
@@ -130,16 +106,16 @@ def test_quantize_edge_rows(two_level):
 )
 def test_quantize_k_slices(config, two_level):
     """K sliced over programs (small M): slice-local quantization, whole-row max, ordered partial sums."""
-    gen = torch.Generator().manual_seed(_seed(config, two_level))
+    gen = torch.Generator().manual_seed(seed(config, two_level))
     m, k, rank = 21, 64 * 5, 24
-    x = _outlier_input(m, k, torch.float16, gen)
+    x = outlier_input(m, k, torch.float16, gen)
     smooth_inv = 0.25 + torch.rand(k, generator=gen)
     lora_down = (torch.randn(rank, k, generator=gen) / k**0.5).half()
     ref_q, ref_scales, ref_lora = qk.quantize_act_lowrank_down_reference(x, smooth_inv, lora_down, 64, two_level)
     for _ in range(2):  # the second launch checks that the arrival counters were left at zero
         act_q, scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level, config)
         assert torch.equal(act_q, ref_q) and torch.equal(scales, ref_scales)
-        bound = k * FP32_EPS * (x.float().abs() @ lora_down.float().abs().T) + _ulp_bound(ref_lora.float(), torch.float16)
+        bound = k * FP32_EPS * (x.float().abs() @ lora_down.float().abs().T) + ulp_bound(ref_lora.float(), torch.float16)
         assert ((lora_act.float() - ref_lora.float()).abs() <= bound).all()
 
 
@@ -162,7 +138,7 @@ def test_quantize_near_ties_and_random_quotients():
 
 
 def _gemm_inputs(m: int, n: int, k: int, rank: int, dtype: torch.dtype, two_level: bool, with_bias: bool, gen: torch.Generator):
-    x = _outlier_input(m, k, torch.float32, gen)
+    x = outlier_input(m, k, torch.float32, gen)
     act_q, act_scales = numerics.quantize_activations(x, 64, two_level)
     weight = torch.randn(n, k, generator=gen) / k**0.5
     q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype)
@@ -173,20 +149,7 @@ def _gemm_inputs(m: int, n: int, k: int, rank: int, dtype: torch.dtype, two_leve
     return act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias
 
 
-def _gemm_bound(args: tuple, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference output and how far an fp32-accumulating kernel may be from it.
 
-    Every term (integer dot times scales, low-rank products, bias) is exact or rounded once; the
-    kernel adds the same terms in another order, so the difference is at most
-    (terms + 4) * eps * sum|terms|, with sum|terms| the reference run on absolute values. A 16-bit
-    output then rounds once more (one ulp).
-    """
-    act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias = args
-    ref = gk.w4a4_gemm_reference(*args, torch.float32)
-    abs_args = [t.abs() if t is not None else None for t in args]
-    abs_sum = gk.w4a4_gemm_reference(*abs_args, torch.float32)
-    terms = max(lora_act.shape[1], 1 if act_scales.dim() == 1 else act_scales.shape[1]) + 4
-    return ref, terms * FP32_EPS * abs_sum + _ulp_bound(ref, out_dtype)
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
@@ -194,10 +157,10 @@ def _gemm_bound(args: tuple, out_dtype: torch.dtype) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_w4a4_gemm_matches_reference(dtype, two_level, rank, with_bias):
-    gen = torch.Generator().manual_seed(_seed(dtype, two_level, rank, with_bias))
+    gen = torch.Generator().manual_seed(seed(dtype, two_level, rank, with_bias))
     args = _gemm_inputs(37, 72, 64 * 3, rank, dtype, two_level, with_bias, gen)
     out = gk.w4a4_gemm(*args, dtype)
-    ref, bound = _gemm_bound(args, dtype)
+    ref, bound = gemm_bound(args, dtype)
     assert out.dtype == dtype and out.shape == (37, 72)
     assert ((out.float() - ref).abs() <= bound).all()
     # The bound is far below the size of what is added: dropping the bias or the low-rank part fails.
@@ -214,7 +177,7 @@ def test_w4a4_gemm_tile_configs(config):
     """Split-K (more splits than K tiles included), masked K tails, tile groups, odd M and N."""
     gen = torch.Generator().manual_seed(config.block_m * 1000 + config.split_k)
     args = _gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, True, gen)
-    ref, bound = _gemm_bound(args, torch.bfloat16)
+    ref, bound = gemm_bound(args, torch.bfloat16)
     for _ in range(2):  # the second launch checks that split-K left its workspace clean
         out = gk.w4a4_gemm(*args, torch.bfloat16, config=config)
         assert ((out.float() - ref).abs() <= bound).all()
@@ -229,7 +192,7 @@ def test_kernels_compose_to_the_op_reference():
     gen = torch.Generator().manual_seed(3)
     m, n, k, rank = 29, 40, 64 * 3, 32
     for two_level in (True, False):
-        x = _outlier_input(m, k, torch.bfloat16, gen)
+        x = outlier_input(m, k, torch.bfloat16, gen)
         smooth_inv = 0.5 + torch.rand(k, generator=gen)
         weight = torch.randn(n, k, generator=gen) / k**0.5
         q, scales, mult = numerics.quantize_weight(weight, 64, two_level, torch.bfloat16)
@@ -240,14 +203,14 @@ def test_kernels_compose_to_the_op_reference():
         act_q, act_scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level)
         out = gk.w4a4_gemm(act_q, act_scales, weight_q, scales, lora_act, lora_up, bias, torch.bfloat16)
         ref = numerics.w4a4_linear_reference(x, weight_q, scales, smooth_inv, lora_down, lora_up, bias, 64)
-        _, bound = _gemm_bound((act_q, act_scales, weight_q, scales, lora_act, lora_up, bias), torch.bfloat16)
+        _, bound = gemm_bound((act_q, act_scales, weight_q, scales, lora_act, lora_up, bias), torch.bfloat16)
         bound += 2.0**-7 * (lora_act.float().abs() @ lora_up.float().abs().T)
         assert ((out.float() - ref.float()).abs() <= bound).all()
 
 
 def test_rank_above_256_is_split_off():
     gen = torch.Generator().manual_seed(5)
-    x = _outlier_input(3, 64, torch.float32, gen)
+    x = outlier_input(3, 64, torch.float32, gen)
     lora_down = torch.randn(264, 64, generator=gen)
     act_q, _, lora_act = qk.quantize_act_lowrank_down(x, torch.ones(64), lora_down, 64, True)
     ref_q, _, ref_lora = qk.quantize_act_lowrank_down_reference(x, torch.ones(64), lora_down, 64, True)

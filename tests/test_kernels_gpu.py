@@ -7,10 +7,11 @@ launch (the caching allocator hands the poisoned block back), so an unwritten el
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
+
+from kernel_checks import FP32_EPS, MANTISSA_BITS, gemm_bound, near_tie_rows, outlier_input, seed, ulp_bound
 
 from svdq_compile import numerics
 
@@ -18,28 +19,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 FLUX_M = [1, 77, 256, 4096, 4608]
 FLUX_NK = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360)]
-FP32_EPS = 2.0**-24
-MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
-
-
-def _seed(*parts: object) -> int:
-    return zlib.crc32(repr(parts).encode())
-
-
-def _outlier_input(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """Gaussian tokens where a few channels are 30-100x larger, as in diffusion transformers."""
-    x = torch.randn(m, k, generator=gen, device="cuda")
-    boost = torch.ones(k, device="cuda")
-    outliers = torch.randperm(k, generator=gen, device="cuda")[: max(2, k // 32)]
-    boost[outliers] = 30 + 70 * torch.rand(outliers.numel(), generator=gen, device="cuda")
-    return (x * boost).to(dtype)
-
-
-def _ulp_bound(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.float32:
-        return torch.zeros_like(ref)
-    smallest = 2.0**-24 if dtype == torch.float16 else 2.0**-133
-    return (ref.abs() * 2.0 ** -MANTISSA_BITS[dtype]).clamp_min(smallest)
 
 
 def _poison(*shapes_and_dtypes: tuple[tuple[int, ...], torch.dtype]) -> None:
@@ -54,31 +33,9 @@ def _poison(*shapes_and_dtypes: tuple[tuple[int, ...], torch.dtype]) -> None:
     del probe
 
 
-def near_tie_rows(rows: int, k: int, two_level: bool, gen: torch.Generator) -> torch.Tensor:
-    """fp32 tokens whose quotients land on or within 3 ulp of h + 0.5, for h = -8..6.
-
-    Group 0 holds the row max; every other group holds its own max and near-tie entries. A product
-    with the rounded reciprocal instead of a division mis-rounds several of these.
-    """
-    x = torch.zeros(rows, k)
-    ulps = torch.arange(-3, 4, dtype=torch.float32)
-    for r in range(rows):
-        row_max = float(torch.empty(()).uniform_(50, 100, generator=gen))
-        x[r, 0] = row_max
-        s1 = torch.tensor(row_max) / 112
-        for g in range(1, k // 64):
-            group_max = torch.tensor(float(torch.empty(()).uniform_(1, row_max, generator=gen)))
-            step = s1 * torch.ceil(group_max / (s1 * 7)) if two_level else group_max / 7
-            h = torch.randint(-8, 7, (8,), generator=gen).float() + 0.5
-            ties = h[:, None] * step
-            near = (ties + ulps[None, :] * torch.finfo(torch.float32).eps * ties.abs()).flatten()[:63]
-            x[r, g * 64] = group_max
-            x[r, g * 64 + 1 : g * 64 + 1 + near.numel()] = near.clamp(-float(group_max), float(group_max))
-    return x
-
 
 def _gemm_inputs(m, n, k, rank, dtype, two_level, gen):
-    x = _outlier_input(m, k, torch.float32, gen)
+    x = outlier_input(m, k, torch.float32, gen)
     act_q, act_scales = numerics.quantize_activations(x, 64, two_level)
     weight = torch.randn(n, k, generator=gen, device="cuda") / k**0.5
     q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype)
@@ -89,15 +46,6 @@ def _gemm_inputs(m, n, k, rank, dtype, two_level, gen):
     return act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias
 
 
-def _gemm_bound(args, out_dtype):
-    from svdq_compile.kernels.w4a4_gemm import w4a4_gemm_reference
-
-    act_q, act_scales, _, _, lora_act, _, _ = args
-    ref = w4a4_gemm_reference(*args, torch.float32)
-    abs_sum = w4a4_gemm_reference(*[t.abs() for t in args], torch.float32)
-    terms = max(lora_act.shape[1], 1 if act_scales.dim() == 1 else act_scales.shape[1]) + 4
-    return ref, terms * FP32_EPS * abs_sum + _ulp_bound(ref, out_dtype)
-
 
 @pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
 @pytest.mark.parametrize("m", FLUX_M)
@@ -105,13 +53,13 @@ def _gemm_bound(args, out_dtype):
 def test_w4a4_gemm_flux_shapes(two_level, m, n, k):
     from svdq_compile.kernels.w4a4_gemm import w4a4_gemm
 
-    gen = torch.Generator(device="cuda").manual_seed(_seed(two_level, m, n, k))
+    gen = torch.Generator(device="cuda").manual_seed(seed(two_level, m, n, k))
     args = _gemm_inputs(m, n, k, 32, torch.bfloat16, two_level, gen)
     w4a4_gemm(*args, torch.bfloat16)  # tunes on the first call: poison the call after it
     _poison(((m, n), torch.bfloat16))
     out = w4a4_gemm(*args, torch.bfloat16)
     torch.cuda.synchronize()
-    ref, bound = _gemm_bound(args, torch.bfloat16)
+    ref, bound = gemm_bound(args, torch.bfloat16)
     bad = (out.float() - ref).abs() > bound
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside the bound, first at {bad.nonzero()[0].tolist()}"
 
@@ -122,8 +70,8 @@ def test_w4a4_gemm_flux_shapes(two_level, m, n, k):
 def test_quantize_act_lowrank_down_flux_shapes(two_level, m, k):
     from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down, quantize_act_lowrank_down_reference
 
-    gen = torch.Generator(device="cuda").manual_seed(_seed("q", two_level, m, k))
-    x = _outlier_input(m, k, torch.bfloat16, gen)
+    gen = torch.Generator(device="cuda").manual_seed(seed("q", two_level, m, k))
+    x = outlier_input(m, k, torch.bfloat16, gen)
     x[0, 5] = float("nan") if m > 1 else x[0, 5]
     smooth_inv = 0.25 + torch.rand(k, generator=gen, device="cuda")
     lora_down = (torch.randn(32, k, generator=gen, device="cuda") / k**0.5).bfloat16()
@@ -137,7 +85,7 @@ def test_quantize_act_lowrank_down_flux_shapes(two_level, m, k):
     assert torch.equal(act_q, ref_q)
     assert torch.equal(scales.isnan(), ref_scales.isnan()) and torch.equal(scales.nan_to_num(), ref_scales.nan_to_num())
     finite = torch.isfinite(ref_lora.float()).all(dim=1)
-    bound = k * FP32_EPS * (x.float().abs() @ lora_down.float().abs().T) + _ulp_bound(ref_lora.float(), torch.bfloat16)
+    bound = k * FP32_EPS * (x.float().abs() @ lora_down.float().abs().T) + ulp_bound(ref_lora.float(), torch.bfloat16)
     assert ((lora_act.float() - ref_lora.float()).abs() <= bound)[finite].all()
     assert torch.equal(torch.isfinite(lora_act).all(dim=1), finite)
 
@@ -147,7 +95,7 @@ def test_quantize_near_ties(two_level):
     """Quotients on and next to .5: the compiled reciprocal + fma correction rounds like division."""
     from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down, quantize_act_lowrank_down_reference
 
-    x = near_tie_rows(64, 64 * 48, two_level, torch.Generator().manual_seed(_seed("ties", two_level))).cuda()
+    x = near_tie_rows(64, 64 * 48, two_level, torch.Generator().manual_seed(seed("ties", two_level))).cuda()
     empty = torch.zeros(0, x.shape[1], device="cuda")
     act_q, _, _ = quantize_act_lowrank_down(x, torch.ones(x.shape[1], device="cuda"), empty, 64, two_level)
     ref_q, _, _ = quantize_act_lowrank_down_reference(x.cpu(), torch.ones(x.shape[1]), empty.cpu(), 64, two_level)  # CPU: see above
@@ -158,15 +106,15 @@ def test_quantize_near_ties(two_level):
 def test_ranks(rank):
     from svdq_compile.kernels.w4a4_gemm import w4a4_gemm
 
-    gen = torch.Generator(device="cuda").manual_seed(_seed("rank", rank))
+    gen = torch.Generator(device="cuda").manual_seed(seed("rank", rank))
     args = _gemm_inputs(333, 3072, 3072, rank, torch.bfloat16, True, gen)
     out = w4a4_gemm(*args, torch.bfloat16)
-    ref, bound = _gemm_bound(args, torch.bfloat16)
+    ref, bound = gemm_bound(args, torch.bfloat16)
     assert ((out.float() - ref).abs() <= bound).all()
 
 
 def _op_args(m_shape, n, k, rank, dtype, two_level, gen):
-    x = _outlier_input(int(torch.tensor(m_shape).prod()), k, dtype, gen).reshape(*m_shape, k)
+    x = outlier_input(int(torch.tensor(m_shape).prod()), k, dtype, gen).reshape(*m_shape, k)
     smooth_inv = 0.5 + torch.rand(k, generator=gen, device="cuda")
     weight = torch.randn(n, k, generator=gen, device="cuda") / k**0.5
     q, scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype)
@@ -188,14 +136,14 @@ def test_custom_op_on_cuda_matches_reference(m_shape, n, k, two_level, dtype):
     """
     from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down
 
-    gen = torch.Generator(device="cuda").manual_seed(_seed("op", m_shape, n, k, two_level, dtype))
+    gen = torch.Generator(device="cuda").manual_seed(seed("op", m_shape, n, k, two_level, dtype))
     x, weight_q, scales, smooth_inv, lora_down, lora_up, bias = _op_args(m_shape, n, k, 32, dtype, two_level, gen)
     out = torch.ops.svdq.w4a4_linear(x, weight_q, scales, smooth_inv, lora_down, lora_up, bias, 64)
     cpu = [t.cpu() for t in (x, weight_q, scales, smooth_inv, lora_down, lora_up, bias)]
     ref = numerics.w4a4_linear_reference(*cpu, 64).cuda()  # on the CPU: see test_quantize_act_lowrank_down_flux_shapes
     assert out.shape == ref.shape and out.dtype == dtype
     act_q, act_scales, lora_act = quantize_act_lowrank_down(x.reshape(-1, k), smooth_inv, lora_down, 64, two_level)
-    _, bound = _gemm_bound((act_q, act_scales, weight_q, scales, lora_act, lora_up, bias), dtype)
+    _, bound = gemm_bound((act_q, act_scales, weight_q, scales, lora_act, lora_up, bias), dtype)
     bound += 2.0 ** -MANTISSA_BITS[dtype] * (lora_act.float().abs() @ lora_up.float().abs().T)
     assert ((out.float() - ref.float()).reshape(-1, n).abs() <= bound).all()
     if x.dim() == 3:  # a non-contiguous input is copied first: the same numbers come out
