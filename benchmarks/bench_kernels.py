@@ -16,7 +16,8 @@ Paths:
 * int4 wo: ``torch._weight_int4pack_mm`` (4-bit weights, bf16 activations, group 64), plus bias.
 * svdq unfused: quantize kernel (no low-rank part), ``torch._int_mm``, eager rescale, two cuBLAS
   low-rank matmuls, add, bias.
-* svdq fused: ``quantize_act_lowrank_down`` + ``w4a4_gemm`` (two launches), two-level scales.
+* svdq fused: ``quantize_act_lowrank_down`` + ``w4a4_gemm``, two-level scales, int8 weights in memory.
+* svdq packed: the same with 4-bit packed weights in memory, expanded by ``unpack_weight`` first.
 * gemm only: ``w4a4_gemm`` alone (two-level, low-rank epilogue and bias), on pre-quantized input.
 * groups fused: the fused path with float group scales ("int4" format).
 And ``quantize_act_lowrank_down`` alone, as a fraction of the measured device copy bandwidth.
@@ -40,13 +41,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from svdq_compile import numerics  # noqa: E402
 from svdq_compile.kernels import w4a4_gemm as gemm_module  # noqa: E402
 from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down  # noqa: E402
+from svdq_compile.kernels.unpack_weight import unpack_weight  # noqa: E402
 from svdq_compile.kernels.w4a4_gemm import w4a4_gemm  # noqa: E402
 
 M_VALUES = [1, 77, 256, 4096, 4608]
 NK_VALUES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360)]
 RANK = 32
 GROUP = 64
-PATHS = ["bf16", "fp8 rowwise", "int4 wo", "svdq unfused", "svdq fused", "gemm only", "groups fused"]
+PATHS = ["bf16", "fp8 rowwise", "int4 wo", "svdq unfused", "svdq fused", "svdq packed", "gemm only", "groups fused"]
 
 
 def copy_bandwidth() -> float:
@@ -98,6 +100,7 @@ def build_layer(n: int, k: int, gen: torch.Generator) -> dict:
     layer["wq2"], layer["ws2"] = numerics.expand_2level(q, mult, GROUP), s1
     qg, sg, _ = numerics.quantize_weight(w, GROUP, False, torch.bfloat16)
     layer["wqg"], layer["wsg"] = qg, sg
+    layer["wq2_packed"] = numerics.pack_weight_operand(layer["wq2"], GROUP, True)
     layer["lora_down"] = (torch.randn(RANK, k, generator=gen, device="cuda") / k**0.5).bfloat16()
     layer["lora_up"] = (torch.randn(n, RANK, generator=gen, device="cuda") / 8).bfloat16()
     layer["smooth_inv"] = torch.ones(k, device="cuda")
@@ -124,10 +127,12 @@ def make_paths(m: int, layer: dict, x: torch.Tensor) -> dict:
         low = (x @ layer["lora_down"].T) @ layer["lora_up"].T
         return (acc.float() * a_s[:, None] * layer["ws2"][None, :] + low + layer["bias"]).bfloat16()
 
-    def fused(two_level: bool):
+    def fused(two_level: bool, packed: bool = False):
         def run():
             a_q, a_s, la = quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, two_level)
             wq, ws = (layer["wq2"], layer["ws2"]) if two_level else (layer["wqg"], layer["wsg"])
+            if packed:
+                wq = unpack_weight(layer["wq2_packed"], x.shape[1], GROUP, True)
             return w4a4_gemm(a_q, a_s, wq, ws, la, layer["lora_up"], layer["bias"], torch.bfloat16)
         return run
 
@@ -138,6 +143,7 @@ def make_paths(m: int, layer: dict, x: torch.Tensor) -> dict:
         "int4 wo": lambda: torch._weight_int4pack_mm(x, layer["w_int4"], GROUP, layer["w_int4_sz"]) + layer["bias"],
         "svdq unfused": unfused,
         "svdq fused": fused(True),
+        "svdq packed": fused(True, packed=True),
         "gemm only": lambda: w4a4_gemm(pre_q, pre_s, layer["wq2"], layer["ws2"], pre_la, layer["lora_up"], layer["bias"], torch.bfloat16),
         "groups fused": fused(False),
         "quantize": lambda: quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, True),

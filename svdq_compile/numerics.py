@@ -156,6 +156,46 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2).to(torch.int8)
 
 
+def pack_weight_operand(operand: Tensor, group_size: int, two_level: bool) -> Tensor:
+    """The weight GEMM operand at 4 bits per value: uint8 ``[N, K/2 + K/group_size]`` (two-level:
+    packed ``q`` then one multiplier byte per group) or ``[N, K/2]`` (float groups: packed ``q``).
+
+    What the op keeps in GPU memory with ``SVDQuantConfig(packed_weights=True)``: 0.27x the bytes of
+    bf16 instead of 0.5x for the int8 operand; ``unpack_weight_operand`` restores it exactly.
+
+    Example:
+        >>> op = expand_2level(torch.full((1, 64), -3, dtype=torch.int8), torch.tensor([[5]], dtype=torch.uint8))
+        >>> packed = pack_weight_operand(op, 64, True)
+        >>> packed.shape, torch.equal(unpack_weight_operand(packed, 64, 64, True), op)
+        (torch.Size([1, 33]), True)
+    """
+    if two_level:
+        q, mult = split_2level(operand, group_size)
+        return torch.cat((pack_int4(q), mult), dim=-1)
+    return pack_int4(operand)
+
+
+def unpack_weight_operand(packed: Tensor, k: int, group_size: int, two_level: bool) -> Tensor:
+    """Inverse of ``pack_weight_operand``: the int8 [N, K] GEMM operand, exactly.
+
+    Example:
+        >>> unpack_weight_operand(pack_weight_operand(torch.ones(2, 64, dtype=torch.int8), 64, False), 64, 64, False).sum().item()
+        128
+    """
+    q = unpack_int4(packed[..., : k // 2])
+    return expand_2level(q, packed[..., k // 2 :], group_size) if two_level else q
+
+
+def packed_weight_columns(k: int, group_size: int, two_level: bool) -> int:
+    """Bytes per row of ``pack_weight_operand``'s result.
+
+    Example:
+        >>> packed_weight_columns(3072, 64, True)
+        1584
+    """
+    return k // 2 + (k // group_size if two_level else 0)
+
+
 def smoothing_factors(act_absmax: Tensor | None, weight: Tensor, alpha: float, beta: float) -> Tensor:
     """Per-input-channel smoothing ``lambda_j = max|X_j|^alpha / max|W_j|^beta`` (fp32, [K]).
 
@@ -250,7 +290,8 @@ def w4a4_linear_reference(
 
     Args:
         x: [..., K] bf16, fp16 or fp32.
-        weight_q: [N, K] int8 GEMM operand: ``q * mult`` for two-level scales, ``q`` for float groups.
+        weight_q: [N, K] int8 GEMM operand: ``q * mult`` for two-level scales, ``q`` for float groups;
+            or that operand packed by ``pack_weight_operand`` (uint8, 4 bits per value).
         weight_scales: [N] fp32 row scales (two-level) or [N, K / group_size] float group scales.
         smooth_inv: [K] fp32, ``1 / lambda``; the activations are quantized as ``x * smooth_inv``.
         lora_down: [R, K] 16-bit, already divided by lambda so that it reads the raw x.
@@ -271,11 +312,13 @@ def w4a4_linear_reference(
     """
     k = x.shape[-1]
     n = weight_q.shape[0]
+    two_level = weight_scales.dim() == 1
+    if weight_q.dtype == torch.uint8:
+        weight_q = unpack_weight_operand(weight_q, k, group_size, two_level)
     x2 = x.reshape(-1, k)
     lora_act = (x2.float() @ lora_down.float().T).to(x.dtype)
     out = lora_act.float() @ lora_up.float().T
     xs = x2.float() * smooth_inv.float()
-    two_level = weight_scales.dim() == 1
     a_q, a_scale = quantize_activations(xs, group_size, two_level)
     if two_level:
         acc = (a_q.double() @ weight_q.double().T).float()

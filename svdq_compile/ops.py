@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .numerics import w4a4_linear_reference
+from .numerics import packed_weight_columns, w4a4_linear_reference
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -36,13 +36,17 @@ def check_w4a4_args(
         raise ValueError(f"w4a4_linear: x must be bfloat16, float16 or float32, got {x.dtype}; cast the input first")
     if x.dim() < 1:
         raise ValueError("w4a4_linear: x must have at least one dimension (the K features)")
-    if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
-        raise ValueError(f"w4a4_linear: weight_q must be a 2-D int8 tensor [N, K], got {weight_q.dtype} {tuple(weight_q.shape)}")
-    n, k = weight_q.shape
+    if weight_q.dtype not in (torch.int8, torch.uint8) or weight_q.dim() != 2:
+        raise ValueError(f"w4a4_linear: weight_q must be a 2-D int8 operand [N, K] or its uint8 packed form, got {weight_q.dtype} {tuple(weight_q.shape)}")
+    n = weight_q.shape[0]
+    k = weight_q.shape[1] if weight_q.dtype == torch.int8 else x.shape[-1]
     if x.shape[-1] != k:
         raise ValueError(f"w4a4_linear: x has {x.shape[-1]} features but the weight expects {k}; pass x of shape [..., {k}]")
     if group_size <= 0 or k % group_size:
         raise ValueError(f"w4a4_linear: K = {k} must be a multiple of group_size = {group_size}; keep this layer in 16-bit")
+    if weight_q.dtype == torch.uint8 and weight_q.shape[1] != packed_weight_columns(k, group_size, weight_scales.dim() == 1):
+        raise ValueError(f"w4a4_linear: a packed weight_q for K = {k} must be uint8 [{n}, {packed_weight_columns(k, group_size, weight_scales.dim() == 1)}] "
+                         f"(numerics.pack_weight_operand), got {tuple(weight_q.shape)}")
     if weight_scales.shape not in ((n,), (n, k // group_size)):
         raise ValueError(f"w4a4_linear: weight_scales must be [{n}] (two-level) or [{n}, {k // group_size}] (group scales), got {tuple(weight_scales.shape)}")
     if smooth_inv.shape != (k,):
@@ -128,7 +132,8 @@ _fallback_warned: set[int] = set()
 
 @_w4a4_linear_op.register_kernel("cuda")
 def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size):
-    """CUDA: the two fused Triton kernels (quantize + low-rank down, then GEMM + epilogue).
+    """CUDA: the two fused Triton kernels (quantize + low-rank down, then GEMM + epilogue), plus
+    the expansion of a packed 4-bit weight to the int8 operand before the GEMM.
 
     GPUs without int8 tensor cores (compute capability < 8.0) and group sizes the kernels do not
     take (not a power of two in 16..256) run the reference instead, with a one-time warning.
@@ -147,10 +152,13 @@ def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up
         return w4a4_linear_reference(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
     # Imported here so that importing the package does not compile or decorate Triton kernels.
     from .kernels.quantize_act_lowrank_down import quantize_act_lowrank_down
+    from .kernels.unpack_weight import unpack_weight
     from .kernels.w4a4_gemm import w4a4_gemm
 
     two_level = weight_scales.dim() == 1
     x2d = x.reshape(-1, x.shape[-1])
     act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level)
+    if weight_q.dtype == torch.uint8:  # packed 4-bit weights: expand into a buffer that lives for this call
+        weight_q = unpack_weight(weight_q, x.shape[-1], group_size, two_level)
     out = w4a4_gemm(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, x.dtype)
     return out.reshape(*x.shape[:-1], weight_q.shape[0])

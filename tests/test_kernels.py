@@ -22,9 +22,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import svdq_compile.kernels.quantize_act_lowrank_down as qk  # noqa: E402
+import svdq_compile.kernels.unpack_weight as uk  # noqa: E402
 import svdq_compile.kernels.w4a4_gemm as gk  # noqa: E402
 
-for _module, _kernel in ((qk, "_row_max_lowrank_kernel"), (qk, "_quantize_kernel"), (gk, "_w4a4_gemm_kernel")):
+for _module, _kernel in ((qk, "_row_max_lowrank_kernel"), (qk, "_quantize_kernel"), (gk, "_w4a4_gemm_kernel"), (uk, "_unpack_weight_kernel")):
     if not isinstance(getattr(_module, _kernel), InterpretedFunction):
         importlib.reload(_module)  # imported earlier without the interpreter
 if _saved_interpret is None:
@@ -48,6 +49,21 @@ def test_kernels_run_under_the_interpreter():
     assert isinstance(qk._row_max_lowrank_kernel, InterpretedFunction)
     assert isinstance(qk._quantize_kernel, InterpretedFunction)
     assert isinstance(gk._w4a4_gemm_kernel, InterpretedFunction)
+    assert isinstance(uk._unpack_weight_kernel, InterpretedFunction)
+
+
+@pytest.mark.parametrize("n,k,group", [(37, 192, 64), (16, 512, 64), (5, 384, 128), (33, 96, 32)])
+@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+def test_unpack_weight_matches_reference(n, k, group, two_level):
+    """Every nibble value (-8..7) and multiplier (1..16) at odd N and K (not multiples of the tile)."""
+    gen = torch.Generator().manual_seed(seed(n, k, group, two_level))
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    mult = torch.randint(1, 17, (n, k // group), generator=gen, dtype=torch.uint8)
+    operand = numerics.expand_2level(q, mult, group) if two_level else q
+    packed = numerics.pack_weight_operand(operand, group, two_level)
+    out = uk.unpack_weight(packed, k, group, two_level)
+    assert out.dtype == torch.int8 and torch.equal(out, uk.unpack_weight_reference(packed, k, group, two_level))
+    assert torch.equal(out, operand)
 
 
 @pytest.mark.parametrize("rank", [0, 16, 48, 160])

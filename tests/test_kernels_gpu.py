@@ -149,3 +149,19 @@ def test_custom_op_on_cuda_matches_reference(m_shape, n, k, two_level, dtype):
     if x.dim() == 3:  # a non-contiguous input is copied first: the same numbers come out
         strided = torch.ops.svdq.w4a4_linear(x.transpose(0, 1), weight_q, scales, smooth_inv, lora_down, lora_up, bias, 64)
         assert torch.equal(strided, out.transpose(0, 1))
+    packed = numerics.pack_weight_operand(weight_q, 64, two_level)  # 4-bit weights in memory: same output
+    assert torch.equal(torch.ops.svdq.w4a4_linear(x, packed, scales, smooth_inv, lora_down, lora_up, bias, 64), out)
+
+
+@pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
+@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+def test_unpack_weight_flux_shapes(two_level, n, k):
+    from svdq_compile.kernels.unpack_weight import unpack_weight
+
+    gen = torch.Generator(device="cuda").manual_seed(seed(two_level, n, k))
+    q = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    mult = torch.randint(1, 17, (n, k // 64), generator=gen, device="cuda", dtype=torch.uint8)
+    operand = numerics.expand_2level(q, mult, 64) if two_level else q
+    packed = numerics.pack_weight_operand(operand, 64, two_level)
+    _poison(((n, k), torch.int8))
+    assert torch.equal(unpack_weight(packed, k, 64, two_level), operand)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from svdq_compile import QuantizedLinear, SVDQuantConfig, w4a4_linear
+from svdq_compile import QuantizedLinear, SVDQuantConfig, numerics, w4a4_linear
 from formula import w4a4_by_hand
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -95,6 +95,7 @@ def test_non_finite_tokens_poison_only_their_row():
         (lambda a: {**a, "smooth_inv": a["smooth_inv"][:10]}, "smooth_inv"),
         (lambda a: {**a, "lora_up": a["lora_up"][:, :3]}, "lora_up"),
         (lambda a: {**a, "bias": a["bias"][:5]}, "bias"),
+        (lambda a: {**a, "weight_q": a["weight_q"][:, :96].view(torch.uint8)}, "packed weight_q"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(change, message):
@@ -104,6 +105,17 @@ def test_bad_arguments_raise_clear_errors(change, message):
                 lora_down=down, lora_up=up, bias=bias, group_size=gs)
     with pytest.raises(ValueError, match=message):
         w4a4_linear(**change(args))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4_2level"])
+def test_packed_weight_gives_the_int8_operands_output_exactly(fmt):
+    """The 4-bit packed form of the weight operand (numerics.pack_weight_operand) is the same op."""
+    _, layer = _layer(fmt=fmt)
+    w_q, *rest = _args(layer)
+    packed = numerics.pack_weight_operand(w_q, layer.group_size, fmt == "int4_2level")
+    assert packed.dtype == torch.uint8 and packed.numel() < 0.52 * w_q.numel()
+    x = _inputs((9, 192), torch.float32)
+    assert torch.equal(w4a4_linear(x, packed, *rest), w4a4_linear(x, w_q, *rest))
 
 
 def test_layer_with_k_not_multiple_of_group_is_refused():

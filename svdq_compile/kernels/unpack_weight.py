@@ -1,0 +1,88 @@
+"""Expand a packed 4-bit weight operand to the int8 operand the W4A4 GEMM reads.
+
+``unpack_weight(packed, k, group_size, two_level)`` returns int8 [N, K] equal to
+``numerics.unpack_weight_operand`` bit for bit: two's-complement nibbles (element 2j in the low
+nibble), times the group's multiplier in the two-level format.
+
+Why a separate pass instead of unpacking in the GEMM's main loop: on Hopper the int8 tensor-core
+loop runs at ~1000-1170 TOPS on int8 operands but 340-620 TOPS when it unpacks nibbles itself
+(REFERENCE.md section 2). Expanding one layer's weight just before its GEMM into a short-lived
+buffer costs one read of the packed bytes and one int8 write (about 1.5 bytes per weight), while
+the weights rest in memory at 4 bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..numerics import packed_weight_columns, unpack_weight_operand
+
+
+@triton.jit
+def _unpack_weight_kernel(
+    packed_ptr, out_ptr, N, K, PACKED_COLS,
+    GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)[:, None] * PACKED_COLS
+    byte = tl.load(packed_ptr + rows + offs_b[None, :], mask=mask_n[:, None] & (offs_b < K // 2)[None, :], other=0).to(tl.int32)
+    low = ((byte & 0xF) ^ 8) - 8  # sign-extend each nibble
+    high = ((byte >> 4) ^ 8) - 8
+    values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # element 2j is the low nibble of byte j
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    if TWO_LEVEL:
+        offs_g = tl.program_id(1) * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
+        mult = tl.load(packed_ptr + rows + K // 2 + offs_g[None, :], mask=mask_n[:, None] & (offs_g < K // GROUP)[None, :], other=0).to(tl.int32)
+        values = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * mult[:, :, None], (BLOCK_N, BLOCK_K))
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], values.to(tl.int8), mask=mask)
+
+
+def unpack_weight(packed: Tensor, k: int, group_size: int, two_level: bool, out: Tensor | None = None) -> Tensor:
+    """The int8 [N, K] GEMM operand of a ``pack_weight_operand`` weight, in one launch.
+
+    Args:
+        packed: uint8 [N, K/2 + K/group_size] (two-level) or [N, K/2] (float groups), contiguous.
+        k: in_features K (a multiple of group_size).
+        group_size: power of two in 16..256.
+        two_level: the "int4_2level" format.
+        out: int8 [N, K] to write into (else a new tensor).
+
+    Example:
+        >>> from svdq_compile.numerics import pack_weight_operand
+        >>> w = torch.randint(-8, 8, (3, 128), dtype=torch.int8)
+        >>> torch.equal(unpack_weight(pack_weight_operand(w, 64, False), 128, 64, False), w)
+        True
+    """
+    n = packed.shape[0]
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_weight_columns(k, group_size, two_level):
+        raise ValueError(f"unpack_weight: packed must be uint8 [N, {packed_weight_columns(k, group_size, two_level)}] for K = {k}, "
+                         f"group_size = {group_size}, two_level = {two_level}; got {packed.dtype} {tuple(packed.shape)}")
+    if group_size not in (16, 32, 64, 128, 256) or k % group_size:
+        raise ValueError(f"unpack_weight: group_size must be a power of two in 16..256 dividing K = {k}, got {group_size}")
+    out = torch.empty((n, k), dtype=torch.int8, device=packed.device) if out is None else out
+    if n == 0 or k == 0:
+        return out
+    block_k = max(256, group_size)
+    block_n = 16
+    _unpack_weight_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        packed.contiguous(), out, n, k, packed.shape[1],
+        GROUP=group_size, TWO_LEVEL=two_level, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
+
+
+def unpack_weight_reference(packed: Tensor, k: int, group_size: int, two_level: bool) -> Tensor:
+    """What ``unpack_weight`` computes, in plain PyTorch (``numerics.unpack_weight_operand``).
+
+    Example:
+        >>> packed = torch.cat((torch.full((1, 32), 0xF3, dtype=torch.uint8), torch.tensor([[16]], dtype=torch.uint8)), 1)
+        >>> unpack_weight_reference(packed, 64, 64, True)[0, :2].tolist()  # nibbles 3 and -1, times 16
+        [48, -16]
+    """
+    return unpack_weight_operand(packed, k, group_size, two_level)
