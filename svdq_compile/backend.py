@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import functools
 import json
 import logging
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -56,9 +57,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cache, calibration
 from .config import SVDQuantConfig
-from .passes.base import QuantizedNodes, linear_parts
+from .passes.base import QuantizedNodes, linear_parts, shared_input_groups
 from .passes.pass_manager import SVDQPassManager
-from .quantized_linear import QuantizedLinear
+from .quantized_linear import CalibrationStats, QuantizedLinear
 from .summary import CompileSummary
 
 log = logging.getLogger("svdq_compile")
@@ -84,12 +85,35 @@ class QuantizedWeight:
     seconds: float
     from_cache: bool
     freed: bool = False
+    # the joint quantizations this weight's rows are part of (see QuantizedGroup)
+    groups: list[QuantizedGroup] = field(default_factory=list, repr=False)
 
     def operands(self) -> tuple[Tensor, ...]:
         return tuple(getattr(self, f) for f in _OPERAND_FIELDS)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.operands())
+
+
+@dataclass
+class QuantizedGroup:
+    """One quantized layer over the concatenated weights of linears that read the same input.
+
+    Weight quantization is per output row, so each member's rows of ``joint`` (``weight_q``,
+    ``weight_scales``, ``lora_up``, with the shared ``smooth_inv`` and ``lora_down``) are a valid
+    layer by themselves whose output is the member's columns of the joint output: the members'
+    registry entries are those rows, as views of ``joint``'s tensors.
+    """
+
+    joint: QuantizedWeight
+    members: tuple[QuantizedWeight, ...] = field(repr=False)
+    # the members' operands when ``joint`` was made: a member whose operands were replaced since
+    # (a LoRA fused into it) is no longer what ``joint`` computes
+    built_from: tuple[tuple[Tensor, ...], ...] = field(repr=False)
+
+    def current(self) -> bool:
+        """True while every member still has the operands ``joint`` was made from."""
+        return all(a is b for member, operands in zip(self.members, self.built_from) for a, b in zip(member.operands(), operands))
 
 
 # weight Parameter -> {config_key(config): QuantizedWeight}; identity-keyed and weak, so a model that is
@@ -136,6 +160,23 @@ def register_quantized(weight: Tensor, config: SVDQuantConfig, entry: QuantizedW
     _QUANTIZED.setdefault(weight, {})[config_key(config)] = entry
 
 
+def forget_quantized(weight: Tensor) -> None:
+    """Drop every quantized form of ``weight``, and of the weights quantized jointly with it (their
+    operands share its SVD and smoothing), so the next use quantizes them again.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.randn(32, 64)); _ = quantize_weight(w, "fc", SVDQuantConfig(rank=4, cache_dir=""))
+        >>> forget_quantized(w); quantized_entries(w)
+        {}
+    """
+    popped = _QUANTIZED.pop(weight, {}).values()
+    joined = {id(member) for entry in popped for group in entry.groups for member in group.members}
+    for per_config in list(_QUANTIZED.values()) if joined else ():
+        for key, entry in list(per_config.items()):
+            if id(entry) in joined:
+                del per_config[key]
+
+
 def quantize_weight(weight: Tensor, name: str, config: SVDQuantConfig) -> QuantizedWeight:
     """The quantized operands of ``weight`` for ``config``: from memory, the disk cache, or computed.
 
@@ -145,19 +186,139 @@ def quantize_weight(weight: Tensor, name: str, config: SVDQuantConfig) -> Quanti
         >>> q is quantize_weight(w, "fc", SVDQuantConfig(rank=4, cache_dir="")), q.weight_q.dtype
         (True, torch.int8)
     """
-    global _warned_no_calibration
     config_id = config_key(config)
     per_config = _QUANTIZED.get(weight)
     if per_config is not None and config_id in per_config:
         return per_config[config_id]
+    _require_storage(weight, name, config)
+    start = time.perf_counter()
+    entry = _quantized_entry(weight, name, config, calibration.stats_for(weight), start)
+    _QUANTIZED.setdefault(weight, {})[config_id] = entry
+    return entry
+
+
+def quantize_group(weights: Sequence[Tensor], names: Sequence[str], config: SVDQuantConfig) -> QuantizedGroup | None:
+    """One quantized layer over ``weights`` concatenated (weights of linears that read the same
+    input), with each weight's registry entry its rows; None when they cannot share one.
+
+    Weights not quantized yet are quantized together (one SVD of rank ``config.rank`` and one
+    smoothing for all; the disk cache keys the concatenated weight). Weights that all have entries
+    already are joined by concatenating those, if they share ``smooth_inv`` and ``lora_down`` (they
+    were quantized jointly before, or loaded from a checkpoint of such a model); otherwise, and when
+    only some have entries, they cannot share an op without quantizing them again: None.
+
+    Example:
+        >>> ws = [nn.Parameter(torch.randn(32, 64)) for _ in range(3)]
+        >>> group = quantize_group(ws, ["q", "k", "v"], SVDQuantConfig(rank=4, cache_dir=""))
+        >>> tuple(group.joint.weight_q.shape), quantize_weight(ws[1], "k", SVDQuantConfig(rank=4)) is group.members[1]
+        ((96, 64), True)
+    """
+    config_id = config_key(config)
+    entries = [_QUANTIZED.get(w, {}).get(config_id) for w in weights]
+    if all(e is None for e in entries):
+        return _quantize_jointly(weights, names, config)
+    if any(e is None for e in entries):
+        return None
+    for group in entries[0].groups:
+        if len(group.members) == len(entries) and all(a is b for a, b in zip(group.members, entries)) and group.current():
+            return group
+    return _concatenated(entries, names)
+
+
+def _quantize_jointly(weights: Sequence[Tensor], names: Sequence[str], config: SVDQuantConfig) -> QuantizedGroup | None:
+    if len({(w.dtype, w.device, w.shape[1:]) for w in weights}) > 1:
+        return None
+    for weight, name in zip(weights, names):
+        _require_storage(weight, name, config)
+    start = time.perf_counter()
+    with torch.no_grad():
+        weight = torch.cat([w.detach() for w in weights])
+    joint = _quantized_entry(weight, "+".join(names), config, _shared_stats([calibration.stats_for(w) for w in weights]), start)
+    sizes = [w.shape[0] for w in weights]
+    members = [QuantizedWeight(*operands, config.group_size, name, joint.seconds * n / weight.shape[0], joint.from_cache)
+               for operands, name, n in zip(_member_rows(joint, sizes), names, sizes)]
+    config_id = config_key(config)
+    for w, member in zip(weights, members):
+        _QUANTIZED.setdefault(w, {})[config_id] = member
+    return _grouped(joint, members)
+
+
+def _concatenated(entries: list[QuantizedWeight], names: Sequence[str]) -> QuantizedGroup | None:
+    first = entries[0]
+    if any(e.group_size != first.group_size or not _same(e.smooth_inv, first.smooth_inv) or not _same(e.lora_down, first.lora_down) for e in entries[1:]):
+        return None
+    joint = QuantizedWeight(_cat_rows([e.weight_q for e in entries]), _cat_rows([e.weight_scales for e in entries]), first.smooth_inv, first.lora_down,
+                            _cat_rows([e.lora_up for e in entries]), first.group_size, "+".join(names), 0.0, all(e.from_cache for e in entries))
+    if not any(e.groups for e in entries):
+        # entries loaded one by one (a checkpoint): keep one copy of the operands, the members as views of the joint's
+        for entry, operands in zip(entries, _member_rows(joint, [e.weight_q.shape[0] for e in entries])):
+            for field_name, tensor in zip(_OPERAND_FIELDS, operands):
+                setattr(entry, field_name, tensor)
+    return _grouped(joint, entries)
+
+
+def _grouped(joint: QuantizedWeight, members: list[QuantizedWeight]) -> QuantizedGroup:
+    group = QuantizedGroup(joint, tuple(members), tuple(m.operands() for m in members))
+    for member in members:
+        member.groups.append(group)
+    return group
+
+
+def _member_rows(joint: QuantizedWeight, sizes: list[int]) -> list[tuple[Tensor, ...]]:
+    """Each member's operands (in ``_OPERAND_FIELDS`` order) as views of ``joint``'s rows."""
+    operands, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        operands.append((joint.weight_q[rows], joint.weight_scales[rows], joint.smooth_inv, joint.lora_down, joint.lora_up[rows]))
+        start += n
+    return operands
+
+
+def _cat_rows(parts: list[Tensor]) -> Tensor:
+    """``torch.cat(parts)``, as a view when the parts are adjacent rows of one tensor: members of a
+    joint quantization regrouped without one of them (a LoRA took it into its own op) cost no copy.
+
+    Example:
+        >>> t = torch.arange(12).reshape(6, 2)
+        >>> joined = _cat_rows([t[1:3], t[3:4]]); torch.equal(joined, t[1:4]), joined.data_ptr() == t[1:].data_ptr()
+        (True, True)
+    """
+    first, offset = parts[0], parts[0].storage_offset()
+    for part in parts:
+        same_tensor = part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and part.dtype == first.dtype and part.shape[1:] == first.shape[1:]
+        if not (same_tensor and part.is_contiguous() and part.storage_offset() == offset):
+            return torch.cat(parts)
+        offset += part.numel()
+    return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
+
+
+def _shared_stats(stats: list[CalibrationStats | None]) -> CalibrationStats | None:
+    """One input's statistics from its readers' records: the channel maxima's maximum (the records
+    differ only in which rows they sampled) and the first record's rows."""
+    present = [s for s in stats if s is not None]
+    if not present:
+        return None
+    absmax = functools.reduce(torch.maximum, [s.absmax for s in present])
+    return CalibrationStats(absmax=absmax, sample=present[0].sample)
+
+
+def _require_storage(weight: Tensor, name: str, config: SVDQuantConfig) -> None:
     if weight.untyped_storage().nbytes() == 0:
         raise RuntimeError(
             f"svdquant: the 16-bit weight of {name!r} has no storage (freed by an earlier svdquant compile, or loaded shape-only "
             f"from a checkpoint) and was never quantized with {config_key(config)}; compile with the same quantization options as "
             "before, or keep the weights with options={'free_weights': False}"
         )
-    start = time.perf_counter()
-    stats = calibration.stats_for(weight)
+
+
+def _quantized_entry(weight: Tensor, name: str, config: SVDQuantConfig, stats: CalibrationStats | None, start: float) -> QuantizedWeight:
+    """Quantize ``weight`` (or read it from the disk cache, or write it there); ``start`` is when
+    the caller began, for the time the summary reports."""
+    global _warned_no_calibration
     if stats is None and config.alpha is None and not _warned_no_calibration:
         _warned_no_calibration = True
         log.info("svdquant: no calibration statistics (see svdq_compile.calibrate); layers use weight-only smoothing (alpha = 0)")
@@ -169,9 +330,7 @@ def quantize_weight(weight: Tensor, name: str, config: SVDQuantConfig) -> Quanti
             layer = QuantizedLinear.from_weight(weight, None, config, stats)
             if key:
                 cache.save(config, key, layer)
-        entry = QuantizedWeight(layer.weight_operand(), layer.scales, layer.smooth_inv, layer.lora_down, layer.lora_up, config.group_size, name, time.perf_counter() - start, from_cache)
-    _QUANTIZED.setdefault(weight, {})[config_id] = entry
-    return entry
+        return QuantizedWeight(layer.weight_operand(), layer.scales, layer.smooth_inv, layer.lora_down, layer.lora_up, config.group_size, name, time.perf_counter() - start, from_cache)
 
 
 def skip_reason(name: str, weight: Any, config: SVDQuantConfig) -> str | None:
@@ -245,12 +404,20 @@ def _repeated_block_prefix() -> str:
 
 @dataclass
 class _Layer:
-    input_index: int  # position of the 16-bit weight among the graph's inputs
-    name: str
+    """The weights one op reads the quantized operands of: one linear's, or a shared-input group's."""
+
+    input_indices: tuple[int, ...]  # positions of the 16-bit weights among the graph's inputs
+    names: tuple[str, ...]
 
 
 class _Provider:
-    """Shared logic of the backend's and the Inductor pass's weight providers."""
+    """Shared logic of the backend's and the Inductor pass's weight providers.
+
+    With ``fuse_shared_input``, the quantizable weights of linears that read one input are
+    quantized together whichever pass asks first (a linear with LoRA adapters is asked about by
+    the LoRA pass, its siblings by the shared-input pass), so a layer's quantization does not
+    depend on whether an adapter sits on it or one of its siblings.
+    """
 
     def __init__(self, config: SVDQuantConfig, summary: CompileSummary) -> None:
         self.config = config
@@ -258,6 +425,21 @@ class _Provider:
         self.summary = summary
         self.decided: dict[fx.Node, QuantizedNodes | None] = {}
         self.progress = None
+        self.new: set[int] = set()  # ids of the weights this compile quantized (the others were reused)
+        # weight node -> the weight nodes of every quantized linear reading the same input, its own included
+        self.sharing: dict[fx.Node, list[fx.Node]] = {}
+
+    def find_shared_inputs(self, graph: fx.Graph) -> None:
+        """Record which weights are quantized together; call on the graph before any pass runs."""
+        if not self.config.fuse_shared_input:
+            return
+        for linears in shared_input_groups(graph, self.quantizes):
+            weights = [linear_parts(node)[1] for node in linears]
+            self.sharing.update(dict.fromkeys(weights, weights))
+
+    def quantizes(self, weight: fx.Node) -> bool:
+        found = self.tensor_and_name(weight)
+        return found is not None and skip_reason(found[1], found[0], self.config) is None
 
     def quantized_nodes(self, graph: fx.Graph, weight: fx.Node) -> QuantizedNodes | None:
         if weight not in self.decided:
@@ -273,27 +455,48 @@ class _Provider:
         if reason is not None:
             self.summary.skipped(name, reason)
             return None
-        fresh = self.config_id not in _QUANTIZED.get(tensor, {})
-        entry = quantize_weight(tensor, name, self.config)
-        if self.progress is not None and fresh:
-            self.progress.update(1)
-        self.summary.quantized(name, tensor, entry, fresh)
-        return self.make_nodes(graph, weight, name, entry)
+        if weight in self.sharing:
+            self._quantize_together(self.sharing[weight])
+        entry = self._tracking_new([tensor], lambda: quantize_weight(tensor, name, self.config))
+        self.summary.quantized(name, tensor, entry, id(tensor) in self.new)
+        return self.make_nodes(graph, [weight], [name], entry)
+
+    def joint_quantized_nodes(self, graph: fx.Graph, weights: list[fx.Node]) -> QuantizedNodes | None:
+        if weights[0] in self.sharing:  # the op's linears are those of one input, maybe without some (LoRA, skips)
+            self._quantize_together(self.sharing[weights[0]])
+        group = self._quantize_together(weights)
+        if group is None:
+            return None
+        tensors, names = zip(*(self.tensor_and_name(w) for w in weights))
+        for name, tensor, member in zip(names, tensors, group.members):
+            self.summary.quantized(name, tensor, member, id(tensor) in self.new)
+        return self.make_nodes(graph, weights, list(names), group.joint)
+
+    def _quantize_together(self, weights: list[fx.Node]) -> QuantizedGroup | None:
+        tensors, names = zip(*(self.tensor_and_name(w) for w in weights))
+        return self._tracking_new(list(tensors), lambda: quantize_group(tensors, names, self.config))
+
+    def _tracking_new(self, tensors: list[Tensor], quantize: Callable[[], Any]) -> Any:
+        """``quantize()``, remembering which of ``tensors`` it quantized (summary, progress bar)."""
+        missing = [t for t in tensors if self.config_id not in _QUANTIZED.get(t, {})]
+        result = quantize()
+        for tensor in missing:
+            if self.config_id in _QUANTIZED.get(tensor, {}):
+                self.new.add(id(tensor))
+                if self.progress is not None:
+                    self.progress.update(1)
+        return result
 
     def count_candidates(self, graph: fx.Graph) -> int:
         """Weights the passes will ask about that still need quantizing (for the progress bar)."""
-        count = 0
-        for node in graph.nodes:
-            parts = linear_parts(node)
-            found = self.tensor_and_name(parts[1]) if parts else None
-            if found and skip_reason(found[1], found[0], self.config) is None and self.config_id not in _QUANTIZED.get(found[0], {}):
-                count += 1
-        return count
+        weights = {parts[1] for node in graph.nodes if (parts := linear_parts(node)) is not None}
+        return sum(1 for w in weights if self.quantizes(w) and self.config_id not in _QUANTIZED.get(self.tensor_and_name(w)[0], {}))
 
     def tensor_and_name(self, weight: fx.Node) -> tuple[Tensor, str] | None:
         raise NotImplementedError
 
-    def make_nodes(self, graph: fx.Graph, weight: fx.Node, name: str, entry: QuantizedWeight) -> QuantizedNodes:
+    def make_nodes(self, graph: fx.Graph, weights: list[fx.Node], names: list[str], entry: QuantizedWeight) -> QuantizedNodes:
+        """Nodes carrying ``entry``'s operands, for the op whose output rows are ``weights``' rows."""
         raise NotImplementedError
 
 
@@ -308,6 +511,7 @@ class _BackendProvider(_Provider):
         self.prefix = _repeated_block_prefix()
         self.layers: list[_Layer] = []
         self.extra_inputs: list[Tensor] = []
+        self.find_shared_inputs(gm.graph)
 
     def tensor_and_name(self, weight: fx.Node) -> tuple[Tensor, str] | None:
         if weight not in self.index:
@@ -317,7 +521,7 @@ class _BackendProvider(_Provider):
         source = source() if callable(source) else source
         return self.example_inputs[self.index[weight]], self.prefix + weight_name(source)
 
-    def make_nodes(self, graph: fx.Graph, weight: fx.Node, name: str, entry: QuantizedWeight) -> QuantizedNodes:
+    def make_nodes(self, graph: fx.Graph, weights: list[fx.Node], names: list[str], entry: QuantizedWeight) -> QuantizedNodes:
         last = list(graph.find_nodes(op="placeholder"))[-1]
         nodes = []
         for field_name, tensor in zip(_OPERAND_FIELDS, entry.operands()):
@@ -330,32 +534,58 @@ class _BackendProvider(_Provider):
             last.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
             nodes.append(last)
             self.extra_inputs.append(tensor)
-        self.layers.append(_Layer(self.index[weight], name))
+        self.layers.append(_Layer(tuple(self.index[w] for w in weights), tuple(names)))
         return QuantizedNodes(*nodes, entry.group_size)
+
+    def shared_input_sets(self) -> list[_Layer]:
+        """The weights quantized together, as graph input positions (for the other blocks of a regional graph)."""
+        distinct = {id(weights): weights for weights in self.sharing.values()}.values()
+        return [_Layer(tuple(self.index[w] for w in weights), tuple(self.tensor_and_name(w)[1] for w in weights)) for weights in distinct]
 
 
 class _RuntimeCall:
     """Calls the compiled graph with the quantized operands of the weights passed in this call."""
 
-    def __init__(self, compiled: Callable, layers: list[_Layer], config: SVDQuantConfig) -> None:
+    def __init__(self, compiled: Callable, layers: list[_Layer], shared_sets: list[_Layer], config: SVDQuantConfig) -> None:
         self.compiled = compiled
         self.layers = layers
+        self.shared_sets = shared_sets
         self.config = config
+        self.config_id = config_key(config)
         self.announced = False
 
     def __call__(self, *args: Any) -> Any:
         known = len(_QUANTIZED)
-        entries = [quantize_weight(args[layer.input_index], layer.name, self.config) for layer in self.layers]
+        for shared in self.shared_sets:  # weights seen for the first time are quantized together, as at compile time
+            weights = [args[i] for i in shared.input_indices]
+            if any(self.config_id not in _QUANTIZED.get(w, {}) for w in weights):
+                quantize_group(weights, shared.names, self.config)
+        operands = [self._operands(args, layer) for layer in self.layers]
         if not self.announced and len(_QUANTIZED) > known:
             self.announced = True  # regional compilation: the other blocks' weights arrive at their first call
             log.info("svdquant: quantized the weights of a module that shares a compiled graph, at its first call; the others follow")
-        extra = [t for entry in entries for t in entry.operands()]
+        extra = [t for entry, _ in operands for t in entry.operands()]
         out = self.compiled(*args, *extra)
         if self.config.free_weights:
-            for layer, entry in zip(self.layers, entries):
-                if not entry.freed:
-                    entry.freed = _free(args[layer.input_index])
+            for layer, (_, members) in zip(self.layers, operands):
+                for index, member in zip(layer.input_indices, members):
+                    if not member.freed:
+                        member.freed = _free(args[index])
         return out
+
+    def _operands(self, args: tuple, layer: _Layer) -> tuple[QuantizedWeight, tuple[QuantizedWeight, ...]]:
+        """The op operands of ``layer`` for the weights in ``args``, and the entries of its weights."""
+        if len(layer.input_indices) == 1:
+            entry = quantize_weight(args[layer.input_indices[0]], layer.names[0], self.config)
+            return entry, (entry,)
+        group = quantize_group([args[i] for i in layer.input_indices], layer.names, self.config)
+        if group is None:
+            raise RuntimeError(
+                f"svdquant: {', '.join(layer.names)} read the same input and run as one op in this compiled graph, but these weights were "
+                "quantized separately (by a compile with other options, or loaded so from a checkpoint); compile with "
+                "options={'fuse_shared_input': False}"
+            )
+        return group.joint, group.members
 
 
 def _free(weight: Tensor) -> bool:
@@ -440,7 +670,7 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
     recent_summaries.append(summary)
     if not provider.layers:
         return compiled
-    return _RuntimeCall(compiled, provider.layers, config)
+    return _RuntimeCall(compiled, provider.layers, provider.shared_input_sets(), config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +685,7 @@ class _FrozenProvider(_Provider):
         self.gm = gm
         self.fqn = gm.meta.get("dynamo_flat_name_to_original_fqn", {})
         self.count = 0
+        self.find_shared_inputs(gm.graph)
 
     def tensor_and_name(self, weight: fx.Node) -> tuple[Tensor, str] | None:
         if weight.op != "get_attr":
@@ -464,7 +695,7 @@ class _FrozenProvider(_Provider):
             tensor = getattr(tensor, part)
         return tensor, weight_name(self.fqn.get(weight.target, str(weight.target)))
 
-    def make_nodes(self, graph: fx.Graph, weight: fx.Node, name: str, entry: QuantizedWeight) -> QuantizedNodes:
+    def make_nodes(self, graph: fx.Graph, weights: list[fx.Node], names: list[str], entry: QuantizedWeight) -> QuantizedNodes:
         nodes = []
         for field_name, tensor in zip(_OPERAND_FIELDS, entry.operands()):
             attr = f"_svdq_{self.count}_{field_name}"
@@ -475,7 +706,7 @@ class _FrozenProvider(_Provider):
                 from torch._dynamo.source import ConstantSource
 
                 self.gm._param_name_to_source[attr] = ConstantSource(attr)
-            with graph.inserting_after(weight):
+            with graph.inserting_after(weights[0]):
                 nodes.append(graph.get_attr(attr))
         self.count += 1
         return QuantizedNodes(*nodes, entry.group_size)
@@ -508,7 +739,7 @@ class SVDQuantInductorPass(CustomGraphPass):  # type: ignore[misc]
             provider = _FrozenProvider(gm, self.config, summary)
             has_param_inputs = any(n.meta.get("grapharg") is not None and isinstance(getattr(n.meta["grapharg"], "example", None), nn.Parameter) for n in graph.find_nodes(op="placeholder"))
             summary.rewrites = SVDQPassManager(self.config, provider)(graph)
-            if not summary.rewrites.get("LinearToW4A4Pass") and not summary.rewrites.get("LoraLinearFusionPass") and has_param_inputs and not self._warned:
+            if not any(summary.rewrites.values()) and has_param_inputs and not self._warned:
                 self._warned = True
                 log.warning("svdquant Inductor pass: weights are graph inputs, not frozen constants; nothing rewritten. "
                             "Set torch._inductor.config.freezing = True (under torch.no_grad()) or use backend='svdquant'.")
@@ -579,4 +810,4 @@ def unregister_inductor_pass() -> None:
         inductor_config.pre_grad_custom_pass = current.previous
 
 
-__all__ = ["svdquant_backend", "register_inductor_pass", "unregister_inductor_pass", "SVDQuantInductorPass", "quantize_weight", "quantized_entries", "register_quantized", "config_key", "skip_reason", "weight_name", "QuantizedWeight"]
+__all__ = ["svdquant_backend", "register_inductor_pass", "unregister_inductor_pass", "SVDQuantInductorPass", "quantize_weight", "quantized_entries", "register_quantized", "forget_quantized", "quantize_group", "QuantizedGroup", "config_key", "skip_reason", "weight_name", "QuantizedWeight"]

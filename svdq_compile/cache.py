@@ -1,6 +1,7 @@
 """Disk cache of quantized layers, so a second process skips the SVD and the smoothing search.
 
-One safetensors file per layer, named by a hash of: the weight's content (a 128-bit fingerprint
+One safetensors file per layer (linears that read one input and are quantized together are one
+layer, its weight their concatenated weights), named by a hash of: the weight's content (a 128-bit fingerprint
 computed on the weight's own device, see ``weight_fingerprint``), its shape and dtype,
 ``config.quantization_key()``, and the calibration statistics when present. Location, first that
 is set: ``config.cache_dir``, ``$SVDQ_CACHE_DIR``, ``~/.cache/svdq_compile``; ``cache_dir=""``

@@ -51,6 +51,7 @@ def save_quantized(module: nn.Module, path: str | Path) -> Path:
     tensors: dict[str, Tensor] = {}
     quantized: dict[str, list[int]] = {}
     config: dict | None = None
+    written: set[int] = set()  # storages already in ``tensors``
     for name, tensor in list(root.named_parameters()) + list(root.named_buffers()):
         entries = quantized_entries(tensor)
         if len(entries) > 1:
@@ -64,7 +65,11 @@ def save_quantized(module: nn.Module, path: str | Path) -> Path:
             raise ValueError(f"save_quantized: {name} was quantized with {entry_config}, other layers with {config}; compile with one set of options")
         config = entry_config
         for part, value in zip(_PARTS, _pack(entry, entry_config)):
-            tensors[f"{name}:{part}"] = value.detach().contiguous().cpu()
+            value = value.detach().contiguous().cpu()
+            if value.numel() and value.untyped_storage().data_ptr() in written:
+                value = value.clone()  # members of a joint quantization share operands, and safetensors refuses shared memory
+            written.add(value.untyped_storage().data_ptr())
+            tensors[f"{name}:{part}"] = value
         quantized[name] = list(tensor.shape)
     if not quantized:
         raise ValueError("save_quantized: no quantized layer found; compile the model with backend='svdquant' and run it once first")

@@ -55,6 +55,9 @@ class SVDQuantConfig:
             being quantized.
         fuse_lora: backend pass flag: fold peft / diffusers LoRA adapters into the low-rank branch
             of their base layer's W4A4 op (else the adapters run as a separate 16-bit branch).
+        fuse_shared_input: backend pass flag: linears that read the same input (q/k/v, FLUX's
+            proj_mlp) are quantized as one layer over their concatenated weights and run as one
+            W4A4 op, so the input is quantized once (else one op, and one quantization, per linear).
         quantize_linear: backend pass flag: rewrite every eligible linear into the W4A4 op.
         free_weights: after the first compiled call, release the storage of the 16-bit weights the
             compiled graph no longer reads (eager calls and ``state_dict`` then fail).
@@ -75,6 +78,7 @@ class SVDQuantConfig:
     cache_dir: str | None = None
     checkpoint: str | None = None
     fuse_lora: bool = True
+    fuse_shared_input: bool = True
     quantize_linear: bool = True
     free_weights: bool = True
 
@@ -98,7 +102,7 @@ class SVDQuantConfig:
         self.skip = tuple(self.skip)
         if not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be an integer >= 1, got {self.calib_tokens!r}")
-        for name in ("fuse_lora", "quantize_linear", "free_weights"):
+        for name in ("fuse_lora", "fuse_shared_input", "quantize_linear", "free_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -148,7 +148,7 @@ def _unmerge_from_quantized(layer: nn.Module) -> None:
             from . import backend  # lazy, as in _merge_into_quantized
 
             # the quantized operands hold the fused LoRA: forget them, so the next call quantizes the unmerged weight
-            backend._QUANTIZED.pop(layer.get_base_layer().weight, None)
+            backend.forget_quantized(layer.get_base_layer().weight)
     while saved:
         entry, down, up = saved.pop()
         entry.lora_down, entry.lora_up = down, up

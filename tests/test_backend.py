@@ -53,13 +53,56 @@ def eligible_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and "lora_" not in name and eligible(name.replace(".base_layer", ""), m)}
 
 
-def swap_to_quantized(model: nn.Module) -> nn.Module:
-    """The eager reference: every eligible linear (peft's base_layer for LoRA layers) -> QuantizedLinear."""
+def swap_to_quantized(model: nn.Module, inputs: dict) -> nn.Module:
+    """The eager reference: every eligible linear (peft's base_layer for LoRA layers) -> QuantizedLinear.
+
+    Eligible linears that read the same tensor in ``model(**inputs)`` are quantized as one layer over
+    their concatenated weights and each gets its rows (``rows_of``): what ``fuse_shared_input`` does.
+    """
     targets = eligible_linears(model)
+    for names in shared_input_readers(model, targets, inputs):
+        weights = [targets[name].weight for name in names]
+        joint = QuantizedLinear.from_weight(torch.cat(weights), None, CONFIG)
+        start = 0
+        for name, weight in zip(names, weights):
+            targets[name] = rows_of(joint, start, start + weight.shape[0], targets[name].bias)
+            start += weight.shape[0]
     for name, linear in targets.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, QuantizedLinear.from_linear(linear, CONFIG))
+        setattr(model.get_submodule(parent_name), child, linear if isinstance(linear, QuantizedLinear) else QuantizedLinear.from_linear(linear, CONFIG))
     return model
+
+
+def shared_input_readers(model: nn.Module, linears: dict[str, nn.Linear], inputs: dict) -> list[list[str]]:
+    """Names of the ``linears`` that read one tensor (two or more), in call order, found by running ``model``."""
+    seen: list[torch.Tensor] = []  # held, so no two inputs share an id
+    readers: dict[int, list[str]] = {}
+
+    def record(name):
+        def hook(module, args):
+            if not any(name in names for names in readers.values()):
+                seen.append(args[0])
+                readers.setdefault(id(args[0]), []).append(name)
+        return hook
+
+    handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    return [names for names in readers.values() if len(names) > 1]
+
+
+def rows_of(joint: QuantizedLinear, start: int, stop: int, bias: torch.Tensor | None) -> QuantizedLinear:
+    """Output rows ``start:stop`` of a quantized layer, with ``bias``, as a layer of their own."""
+    layer = QuantizedLinear(joint.in_features, stop - start, joint.group_size, joint.two_level, joint.alpha, joint.beta)
+    for name in ("qweight", "scales", "lora_up"):
+        layer.register_buffer(name, getattr(joint, name)[start:stop])
+    layer.register_buffer("mult", joint.mult[start:stop] if joint.two_level else joint.mult)
+    layer.register_buffer("smooth_inv", joint.smooth_inv)
+    layer.register_buffer("lora_down", joint.lora_down)
+    layer.register_buffer("bias", bias.detach().clone() if bias is not None else torch.empty(0))
+    return layer
 
 
 def gen(seed: int = 1) -> torch.Generator:
@@ -121,8 +164,9 @@ class Compiled:
         self.model = make_model()
         self.make_inputs = make_inputs
         self.fp_model = copy.deepcopy(self.model)
-        self.reference = swap_to_quantized(copy.deepcopy(self.model))
+        self.reference = swap_to_quantized(copy.deepcopy(self.model), make_inputs())
         self.eligible = eligible_linears(self.model)
+        self.groups = shared_input_readers(self.fp_model, eligible_linears(self.fp_model), make_inputs())
         self.skipped = {name: m for name, m in self.model.named_modules() if isinstance(m, nn.Linear) and name not in self.eligible}
         self.compiled = torch.compile(self.model, backend="svdquant", fullgraph=True, options=OPTIONS)
         start = len(svdq_backend.recent_summaries)
@@ -150,7 +194,10 @@ def compiled(request) -> Compiled:
 
 def test_every_eligible_linear_is_rewritten(compiled):
     (summary,) = compiled.summaries  # fullgraph: one graph
-    assert summary.rewrites["LinearToW4A4Pass"] == len(compiled.eligible) > 0
+    # one op per group of linears reading the same tensor, one per other linear
+    grouped = sum(len(names) for names in compiled.groups)
+    assert summary.rewrites["SharedInputFusionPass"] == len(compiled.groups) > 0
+    assert summary.rewrites["LinearToW4A4Pass"] == len(compiled.eligible) - grouped > 0
     assert sorted(name for name, *_ in summary.layers) == sorted(compiled.eligible)
     assert sorted(name for name, _ in summary.skips) == sorted(compiled.skipped)
 
@@ -204,13 +251,15 @@ def test_lora_loaded_after_compile_recompiles_fused_without_requantizing(flux, t
     reference = copy.deepcopy(flux.fp_model)
     for model in (flux.model, reference):
         model.load_lora_adapter(str(tmp_path), weight_name="lora.safetensors", adapter_name="late", prefix="transformer")
-    reference = swap_to_quantized(reference)
+    reference = swap_to_quantized(reference, flux_inputs())
     start = len(svdq_backend.recent_summaries)
     with torch.no_grad():
         out = flux.compiled(**flux_inputs())[0]
         ref = reference(**flux_inputs())[0]
     (summary,) = list(svdq_backend.recent_summaries)[start:]
-    assert summary.rewrites == {"LoraLinearFusionPass": len(targets), "LinearToW4A4Pass": len(flux.eligible) - len(targets)}
+    # the LoRA layers leave their groups, which stay fused without them: double block {to_k, to_v},
+    # {add_q_proj, add_k_proj, add_v_proj}; single block {to_q, to_k, to_v}
+    assert summary.rewrites == {"LoraLinearFusionPass": len(targets), "SharedInputFusionPass": 3, "LinearToW4A4Pass": len(flux.eligible) - len(targets) - 8}
     assert {origin for *_, origin in summary.layers} == {"reused"}
     assert rel_err(out, ref) < 1e-4 and rel_err(out, flux.out) > 0.01
 
@@ -233,8 +282,8 @@ def test_lora_from_safetensors_is_fused_and_acts_like_the_fp_lora(tmp_path):
     base.load_lora_adapter(str(tmp_path), weight_name="lora.safetensors", adapter_name="t", prefix="transformer")
     base.set_adapters(["t"], weights=[0.7])
     fp_lora = copy.deepcopy(base)
-    reference = swap_to_quantized(copy.deepcopy(base))
-    quant_plain = swap_to_quantized(copy.deepcopy(fp_plain))
+    reference = swap_to_quantized(copy.deepcopy(base), flux_inputs())
+    quant_plain = swap_to_quantized(copy.deepcopy(fp_plain), flux_inputs())
     start = len(svdq_backend.recent_summaries)
     compiled = torch.compile(base, backend="svdquant", fullgraph=True, options=OPTIONS)
     with torch.no_grad():
@@ -244,7 +293,8 @@ def test_lora_from_safetensors_is_fused_and_acts_like_the_fp_lora(tmp_path):
         fp_delta = fp_lora(**flux_inputs())[0] - fp_plain(**flux_inputs())[0]
     (summary,) = list(svdq_backend.recent_summaries)[start:]
     assert summary.rewrites["LoraLinearFusionPass"] == len(targets)
-    assert summary.rewrites["LinearToW4A4Pass"] == len(eligible_linears(base)) - len(targets)
+    assert summary.rewrites["SharedInputFusionPass"] == 3  # q/k/v groups without their LoRA layers (8 linears)
+    assert summary.rewrites["LinearToW4A4Pass"] == len(eligible_linears(base)) - len(targets) - 8
     assert rel_err(out, ref) < 1e-4
     # the LoRA moves the quantized model's output the way it moves the fp model's: within the
     # quantization error of a network whose activations the LoRA doubled (0.12 measured), while a
@@ -255,7 +305,7 @@ def test_lora_from_safetensors_is_fused_and_acts_like_the_fp_lora(tmp_path):
 
 def test_regional_compile_serves_every_block_with_its_own_weights():
     model = flux_model(double=2, single=2)
-    reference = swap_to_quantized(copy.deepcopy(model))
+    reference = swap_to_quantized(copy.deepcopy(model), flux_inputs())
     start = len(svdq_backend.recent_summaries)
     model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS)
     with torch.no_grad():
@@ -308,7 +358,7 @@ def test_quantized_weights_stay_out_of_the_fx_graph_cache_key():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen(seed)) * 0.1)
         models.append(model)
-    reference = swap_to_quantized(copy.deepcopy(models[1]))
+    reference = swap_to_quantized(copy.deepcopy(models[1]), {"x": outlier_input(3, 128)})
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
         torch.compile(models[0], backend="svdquant", options=OPTIONS)(outlier_input(3, 128))
         torch._dynamo.reset()
@@ -333,7 +383,7 @@ def test_svdquant_0_compiles_plain_inductor(monkeypatch):
 
 def test_dynamic_shapes_and_mode():
     model = Tiny().eval()
-    reference = swap_to_quantized(copy.deepcopy(model))
+    reference = swap_to_quantized(copy.deepcopy(model), {"x": outlier_input(3, 128)})
     counter = CountW4A4()
     with torch.no_grad(), torch._inductor.config.patch(post_grad_custom_post_pass=counter):
         # torch.compile refuses mode= together with options=; a partial carries the options instead
@@ -363,7 +413,7 @@ def test_registered_inductor_pass_rewrites_plain_compile_and_composes():
             return "previous-pass"
 
     model = Tiny().eval()
-    reference = swap_to_quantized(copy.deepcopy(model))
+    reference = swap_to_quantized(copy.deepcopy(model), {"x": outlier_input(3, 128)})
     counter = CountW4A4()
     patches = dict(pre_grad_custom_pass=Previous(), freezing=False, post_grad_custom_post_pass=counter)
     with torch._inductor.config.patch(patches), torch.no_grad():

@@ -92,7 +92,7 @@ class LoraPair:
         }
         with torch.no_grad():
             self.fp_base = base(**flux_inputs())[0]
-            self.q_base = swap_to_quantized(copy.deepcopy(base))(**flux_inputs())[0]
+            self.q_base = swap_to_quantized(copy.deepcopy(base), flux_inputs())(**flux_inputs())[0]
         self.model, self.mirror = base, copy.deepcopy(base)
         self.pipes = (MiniPipe(self.model), MiniPipe(self.mirror))
         # hotswap must be enabled before the first adapter is loaded (diffusers' rule); target_rank

@@ -24,29 +24,42 @@ from svdq_compile.passes.base import W4A4_OP, count_linears, count_w4a4, linear_
 from svdq_compile.passes.linear_to_w4a4 import LinearToW4A4Pass
 from svdq_compile.passes.lora_linear_fusion import LoraLinearFusionPass
 from svdq_compile.passes.pass_manager import SVDQPassManager
+from svdq_compile.passes.shared_input_fusion import SharedInputFusionPass
 
 CONFIG = SVDQuantConfig(rank=8, cache_dir="")
 
 
 class AttrProvider:
-    """Quantizes every weight input that is not a LoRA factor; operands become graph constants."""
+    """Quantizes every weight input that is not a LoRA factor nor named by ``skip`` (substrings of
+    the placeholder name); operands become graph constants. A group of weights is quantized as one
+    layer of their concatenation."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list) -> None:
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, skip: tuple[str, ...] = ()) -> None:
         self.gm = gm
         self.values = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
+        self.skip = skip
         self.asked: list[fx.Node] = []
+
+    def quantizes(self, weight: fx.Node) -> bool:
+        return "lora_" not in weight.name and not any(s in weight.name for s in self.skip)
 
     def quantized_nodes(self, graph: fx.Graph, weight: fx.Node):
         self.asked.append(weight)
-        if "lora_" in weight.name:
+        if not self.quantizes(weight):
             return None
-        layer = QuantizedLinear.from_weight(self.values[weight], None, CONFIG)
+        return self.attach(graph, weight, QuantizedLinear.from_weight(self.values[weight], None, CONFIG))
+
+    def joint_quantized_nodes(self, graph: fx.Graph, weights: list[fx.Node]):
+        self.asked.extend(weights)
+        return self.attach(graph, weights[0], QuantizedLinear.from_weight(torch.cat([self.values[w] for w in weights]), None, CONFIG))
+
+    def attach(self, graph: fx.Graph, after: fx.Node, layer: QuantizedLinear):
         fields = {"weight_q": layer.weight_operand(), "weight_scales": layer.scales, "smooth_inv": layer.smooth_inv, "lora_down": layer.lora_down, "lora_up": layer.lora_up}
         nodes = {}
         for name, tensor in fields.items():
             attr = f"q{len(self.asked)}_{name}"
             self.gm.register_buffer(attr, tensor)
-            with graph.inserting_after(weight):
+            with graph.inserting_after(after):
                 nodes[name] = graph.get_attr(attr)
         return SimpleNamespace(group_size=CONFIG.group_size, **nodes)
 
@@ -72,10 +85,10 @@ def op_counts(graph: fx.Graph) -> dict[str, int]:
     return {"linear": count_linears(graph), "w4a4": count_w4a4(graph), "dropout": dropouts, "cat": cats}
 
 
-def run_pass_by_pass(module: nn.Module, x: torch.Tensor, passes=(LoraLinearFusionPass, LinearToW4A4Pass)):
+def run_pass_by_pass(module: nn.Module, x: torch.Tensor, passes=(LoraLinearFusionPass, LinearToW4A4Pass), skip: tuple[str, ...] = ()):
     """Counts before and after each pass, and the rewritten graph's output on ``x``."""
     gm, inputs = capture(module, x)
-    provider = AttrProvider(gm, inputs)
+    provider = AttrProvider(gm, inputs, skip)
     counts = {"before": op_counts(gm.graph)}
     for cls in passes:
         cls(provider)(gm.graph)
@@ -232,18 +245,97 @@ def test_pass_manager_order_and_flags():
     x = with_outliers(4, 128)
     gm, inputs = capture(model, x)
     counts = SVDQPassManager(CONFIG, AttrProvider(gm, inputs))(gm.graph)
-    assert counts == {"LoraLinearFusionPass": 2, "LinearToW4A4Pass": 0}
+    assert counts == {"LoraLinearFusionPass": 2, "SharedInputFusionPass": 0, "LinearToW4A4Pass": 0}
     gm, inputs = capture(model, x)
     no_fusion = SVDQuantConfig(rank=8, cache_dir="", fuse_lora=False)
     counts = SVDQPassManager(no_fusion, AttrProvider(gm, inputs))(gm.graph)
-    assert counts == {"LinearToW4A4Pass": 2}
+    assert counts == {"SharedInputFusionPass": 0, "LinearToW4A4Pass": 2}
     assert op_counts(gm.graph)["linear"] == 4  # the adapters stay 16-bit linears
     assert SVDQPassManager(CONFIG, None).uuid(CONFIG) != SVDQPassManager(no_fusion, None).uuid(no_fusion)
 
 
 def test_pass_uuid_hashes_the_pass_source():
     assert LinearToW4A4Pass.uuid() == LinearToW4A4Pass.uuid()
-    assert len({LinearToW4A4Pass.uuid(), LoraLinearFusionPass.uuid()}) == 2
+    assert len({LinearToW4A4Pass.uuid(), LoraLinearFusionPass.uuid(), SharedInputFusionPass.uuid()}) == 3
+
+
+class SharedInput(nn.Module):
+    """q, k (no bias), v read x; o reads what they make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(128, 64)
+        self.k = nn.Linear(128, 128, bias=False)
+        self.v = nn.Linear(128, 64)
+        self.o = nn.Linear(256, 64)
+
+    def forward(self, x):
+        return self.o(F.gelu(torch.cat([self.q(x), self.k(x), self.v(x)], -1)))
+
+
+def shared_input_reference(model: SharedInput, x: torch.Tensor, joint: tuple[str, ...]) -> torch.Tensor:
+    """``model(x)`` with the linears named by ``joint`` quantized as one layer of their concatenated
+    weights (and biases, zeros for a missing one), o quantized alone, and q/k/v not in ``joint`` fp."""
+    layers = {name: getattr(model, name) for name in ("q", "k", "v")}
+    bias = [layers[n].bias if layers[n].bias is not None else torch.zeros(layers[n].out_features) for n in joint]
+    fused = QuantizedLinear.from_weight(torch.cat([layers[n].weight for n in joint]), torch.cat(bias), CONFIG)
+    with torch.no_grad():
+        outs = dict(zip(joint, fused(x).split([layers[n].out_features for n in joint], -1)))
+        h = torch.cat([outs[n] if n in outs else layers[n](x) for n in ("q", "k", "v")], -1)
+        return QuantizedLinear.from_linear(model.o, CONFIG)(F.gelu(h))
+
+
+@pytest.mark.parametrize("shape", [(6, 128), (2, 5, 128)])
+def test_shared_input_pass_runs_the_linears_of_one_input_as_one_op(shape):
+    torch.manual_seed(0)
+    model = SharedInput().eval()
+    x = with_outliers(*shape)
+    counts, out = run_pass_by_pass(model, x, passes=(LoraLinearFusionPass, SharedInputFusionPass, LinearToW4A4Pass))
+    assert counts["before"]["linear"] == 4
+    assert counts["SharedInputFusionPass"] == {"linear": 1, "w4a4": 1, "dropout": 0, "cat": 0}
+    assert counts["LinearToW4A4Pass"] == {"linear": 0, "w4a4": 2, "dropout": 0, "cat": 0}
+    ref = shared_input_reference(model, x, ("q", "k", "v"))
+    with torch.no_grad():
+        fp = model(x)
+    assert rel_err(out, ref) < 1e-6
+    assert rel_err(out, fp) > 1e-3  # quantized for real
+
+
+def test_shared_input_pass_splits_with_views_and_cats_biases_in_graph():
+    torch.manual_seed(0)
+    gm, inputs = capture(SharedInput().eval(), with_outliers(4, 128))
+    assert SharedInputFusionPass(AttrProvider(gm, inputs))(gm.graph) == 1
+    (op,) = [n for n in gm.graph.nodes if n.target is W4A4_OP]
+    (split,) = op.users
+    assert split.target is torch.split and split.args[1] == [64, 128, 64]
+    bias = op.args[6]
+    assert bias.target is torch.cat and [p.op for p in bias.args[0]] == ["placeholder", "call_method", "placeholder"]  # k's zeros made in the graph
+    assert all("example_value" in piece.meta for piece in split.users)
+
+
+@pytest.mark.parametrize("skip, fused_ops, joint", [(("_k_",), 1, ("q", "v")), (("_k_", "_v_"), 0, ())])
+def test_shared_input_pass_leaves_a_skipped_member_out(skip, fused_ops, joint):
+    torch.manual_seed(0)
+    model = SharedInput().eval()
+    x = with_outliers(5, 128)
+    gm, inputs = capture(model, x)
+    provider = AttrProvider(gm, inputs, skip)
+    assert SharedInputFusionPass(provider)(gm.graph) == fused_ops
+    assert LinearToW4A4Pass(provider)(gm.graph) == 4 - len(skip) - len(joint)
+    assert op_counts(gm.graph)["linear"] == len(skip)  # skipped linears stay 16-bit
+    if joint:
+        gm.recompile()
+        with torch.no_grad():
+            out = gm(*inputs)[0]
+        assert rel_err(out, shared_input_reference(model, x, joint)) < 1e-6
+
+
+def test_fuse_shared_input_false_gives_one_op_per_linear():
+    torch.manual_seed(0)
+    gm, inputs = capture(SharedInput().eval(), with_outliers(4, 128))
+    counts = SVDQPassManager(SVDQuantConfig(rank=8, cache_dir="", fuse_shared_input=False), AttrProvider(gm, inputs))(gm.graph)
+    assert counts == {"LoraLinearFusionPass": 0, "LinearToW4A4Pass": 4}
+    assert op_counts(gm.graph)["w4a4"] == 4
 
 
 def test_linear_parts_reads_kwargs_and_rejects_constants():

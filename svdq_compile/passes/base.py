@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import operator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import fx
@@ -45,6 +45,15 @@ class WeightProvider(Protocol):
 
     def quantized_nodes(self, graph: fx.Graph, weight: fx.Node) -> QuantizedNodes | None:
         """Nodes carrying the quantized form of ``weight``, or None to keep the linear in 16-bit."""
+        ...
+
+    def quantizes(self, weight: fx.Node) -> bool:
+        """Whether ``quantized_nodes`` would quantize ``weight`` (skip globs, shapes); no side effects."""
+        ...
+
+    def joint_quantized_nodes(self, graph: fx.Graph, weights: list[fx.Node]) -> QuantizedNodes | None:
+        """Nodes of one quantized layer whose output rows are ``weights``' rows in order (weights of
+        linears reading the same input), or None when they cannot share one op."""
         ...
 
 
@@ -128,6 +137,24 @@ def copy_meta(old: fx.Node, new: fx.Node) -> None:
     new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "val", "tensor_meta", "nn_module_stack", "stack_trace")})
 
 
+def shared_input_groups(graph: fx.Graph, quantizes: Callable[[fx.Node], bool]) -> list[list[fx.Node]]:
+    """Linear nodes that read the same input node, in graph order, one per distinct weight, for
+    every input read by two or more linears whose weight ``quantizes`` accepts.
+
+    Example:
+        >>> g = fx.Graph(); x, y, wq, wk, wo = (g.placeholder(n) for n in ("x", "y", "wq", "wk", "wo"))
+        >>> q, k, o = g.call_function(F.linear, (x, wq)), g.call_function(F.linear, (x, wk)), g.call_function(F.linear, (y, wo))
+        >>> shared_input_groups(g, lambda w: True) == [[q, k]]
+        True
+    """
+    readers: dict[fx.Node, dict[fx.Node, fx.Node]] = {}
+    for node in graph.nodes:
+        parts = linear_parts(node)
+        if parts is not None and quantizes(parts[1]):
+            readers.setdefault(parts[0], {}).setdefault(parts[1], node)
+    return [list(by_weight.values()) for by_weight in readers.values() if len(by_weight) > 1]
+
+
 def count_w4a4(graph: fx.Graph) -> int:
     """Number of ``svdq.w4a4_linear`` calls in ``graph``."""
     return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is W4A4_OP)
@@ -138,4 +165,4 @@ def count_linears(graph: fx.Graph) -> int:
     return sum(1 for n in graph.nodes if linear_parts(n) is not None)
 
 
-__all__ = ["SVDQPass", "WeightProvider", "QuantizedNodes", "W4A4_OP", "linear_parts", "emit_w4a4", "copy_meta", "count_w4a4", "count_linears", "is_add", "is_mul"]
+__all__ = ["SVDQPass", "WeightProvider", "QuantizedNodes", "W4A4_OP", "linear_parts", "emit_w4a4", "copy_meta", "count_w4a4", "count_linears", "shared_input_groups", "is_add", "is_mul"]

@@ -10,11 +10,14 @@ from ..config import SVDQuantConfig
 from .base import SVDQPass, WeightProvider
 from .linear_to_w4a4 import LinearToW4A4Pass
 from .lora_linear_fusion import LoraLinearFusionPass
+from .shared_input_fusion import SharedInputFusionPass
 
 # (config flag, pass class), in the order they run: LoRA fusion first, because once the base linear
-# of a LoRA is rewritten alone the adapters could only stay a separate 16-bit branch.
+# of a LoRA is rewritten alone the adapters could only stay a separate 16-bit branch; shared-input
+# fusion before the one-by-one rewrite, which takes whatever is left.
 PASSES: tuple[tuple[str, type[SVDQPass]], ...] = (
     ("fuse_lora", LoraLinearFusionPass),
+    ("fuse_shared_input", SharedInputFusionPass),
     ("quantize_linear", LinearToW4A4Pass),
 )
 
@@ -23,9 +26,9 @@ class SVDQPassManager:
     """Apply the enabled passes to a graph; returns ``{pass name: rewrites}``.
 
     Example:
-        >>> never = type("Never", (), {"quantized_nodes": lambda *a: None})()
+        >>> never = type("Never", (), {"quantized_nodes": lambda *a: None, "quantizes": lambda *a: False})()
         >>> SVDQPassManager(SVDQuantConfig(), never)(fx.Graph())
-        {'LoraLinearFusionPass': 0, 'LinearToW4A4Pass': 0}
+        {'LoraLinearFusionPass': 0, 'SharedInputFusionPass': 0, 'LinearToW4A4Pass': 0}
     """
 
     def __init__(self, config: SVDQuantConfig, provider: WeightProvider) -> None:

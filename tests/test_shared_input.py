@@ -1,0 +1,176 @@
+"""``fuse_shared_input`` through the backend: linears reading one input quantized as one layer and run
+as one op; member entries as row views; skips, checkpoints, the disk cache, the Inductor pass, FLUX.
+
+Op counts are taken from what Inductor compiles (a post-grad pass). References are independent of the
+backend: ``QuantizedLinear.from_weight`` on the concatenated weights (what the fused op must compute)
+and the fp32 model (within quantization error).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from test_backend import OPTIONS, CountW4A4, flux_inputs, flux_model, gen, outlier_input, rel_err, swap_to_quantized
+
+import svdq_compile
+from svdq_compile import QuantizedLinear, SVDQuantConfig, load_quantized, save_quantized
+from svdq_compile import backend as svdq_backend
+
+CONFIG = SVDQuantConfig(**OPTIONS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _inductor_in_process():
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
+    torch._dynamo.reset()
+
+
+class QKV(nn.Module):
+    """q, k (no bias), v read x; o reads their activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = nn.Linear(128, 64)
+        self.k = nn.Linear(128, 128, bias=False)
+        self.v = nn.Linear(128, 64)
+        self.o = nn.Linear(256, 64)
+
+    def forward(self, x):
+        return self.o(F.gelu(torch.cat([self.q(x), self.k(x), self.v(x)], -1)))
+
+
+def compile_and_count(model: nn.Module, inputs: dict, **options) -> tuple[torch.Tensor, int, svdq_backend.CompileSummary]:
+    """Output of ``model`` compiled with svdquant, the number of W4A4 ops Inductor compiled, the summary."""
+    counter = CountW4A4()
+    start = len(svdq_backend.recent_summaries)
+    torch._dynamo.reset()  # every model here is compiled afresh, never served a graph made with other options
+    with torch.no_grad(), torch._inductor.config.patch(post_grad_custom_post_pass=counter):
+        out = torch.compile(model, backend="svdquant", fullgraph=True, options=OPTIONS | options)(**inputs)
+    (summary,) = list(svdq_backend.recent_summaries)[start:]
+    return out[0] if isinstance(out, tuple) else out, sum(counter.counts), summary
+
+
+def joint_reference(model: QKV, x: torch.Tensor) -> torch.Tensor:
+    """q/k/v as one QuantizedLinear of their concatenated weights (k's bias zeros), o quantized alone."""
+    joint = QuantizedLinear.from_weight(torch.cat([model.q.weight, model.k.weight, model.v.weight]), torch.cat([model.q.bias, torch.zeros(128), model.v.bias]), CONFIG)
+    with torch.no_grad():
+        return QuantizedLinear.from_linear(model.o, CONFIG)(F.gelu(joint(x)))
+
+
+def test_linears_of_one_input_run_as_one_op_and_compute_the_joint_layer():
+    model, x = QKV().eval(), outlier_input(2, 5, 128)
+    fp, ref = copy.deepcopy(model), joint_reference(model, x)
+    out, ops, summary = compile_and_count(model, {"x": x})
+    assert ops == 2 and summary.rewrites == {"LoraLinearFusionPass": 0, "SharedInputFusionPass": 1, "LinearToW4A4Pass": 1}
+    assert sorted(name for name, *_ in summary.layers) == ["k", "o", "q", "v"]  # every member listed as quantized
+    assert rel_err(out, ref) < 1e-5
+    with torch.no_grad():
+        assert 1e-3 < rel_err(out, fp(x)) < 0.3
+
+
+def test_member_entries_are_row_views_that_run_alone_as_the_fused_op_does():
+    model, x = QKV().eval(), outlier_input(3, 128)
+    biases = {name: getattr(model, name).bias for name in ("q", "k", "v", "o")}
+    out, _, _ = compile_and_count(model, {"x": x})
+    entries = {name: next(iter(svdq_backend.quantized_entries(getattr(model, name).weight).values())) for name in ("q", "k", "v", "o")}
+    q, k, v = (entries[n] for n in "qkv")
+    # one copy of the joint operands: the members' rows of it, the smoothing and down factor shared
+    assert q.weight_q.untyped_storage().data_ptr() == k.weight_q.untyped_storage().data_ptr() == v.weight_q.untyped_storage().data_ptr()
+    assert q.smooth_inv is k.smooth_inv is v.smooth_inv and q.lora_down is v.lora_down
+    assert entries["o"].weight_q.untyped_storage().data_ptr() != q.weight_q.untyped_storage().data_ptr()
+
+    def alone(name: str, inp: torch.Tensor) -> torch.Tensor:
+        return torch.ops.svdq.w4a4_linear(inp, *entries[name].operands(), biases[name], entries[name].group_size)
+
+    with torch.no_grad():
+        one_by_one = alone("o", F.gelu(torch.cat([alone(n, x) for n in "qkv"], -1)))
+    assert rel_err(one_by_one, out) < 1e-6
+
+
+def test_fuse_shared_input_false_gives_one_op_per_linear():
+    model, x = QKV().eval(), outlier_input(2, 5, 128)
+    alone = {name: QuantizedLinear.from_linear(getattr(model, name), CONFIG) for name in ("q", "k", "v", "o")}
+    with torch.no_grad():
+        ref = alone["o"](F.gelu(torch.cat([alone[n](x) for n in "qkv"], -1)))
+    out, ops, summary = compile_and_count(model, {"x": x}, fuse_shared_input=False)
+    assert ops == 4 and summary.rewrites == {"LoraLinearFusionPass": 0, "LinearToW4A4Pass": 4}
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("skip, ops, fused", [(["k"], 2, 1), (["k", "v"], 2, 0)])
+def test_skipped_member_leaves_the_others_grouped_or_alone(skip, ops, fused):
+    model, x = QKV().eval(), outlier_input(4, 128)
+    out, counted, summary = compile_and_count(model, {"x": x}, skip=skip)
+    assert counted == ops and summary.rewrites["SharedInputFusionPass"] == fused
+    assert {name for name, _ in summary.skips} == set(skip)
+    assert model.k.weight.untyped_storage().nbytes() > 0  # a 16-bit layer keeps its weight
+
+
+def test_member_quantized_alone_before_declines_the_group():
+    model, x = QKV().eval(), outlier_input(4, 128)
+    alone, _, _ = compile_and_count(model, {"x": x}, fuse_shared_input=False, free_weights=False)
+    again, ops, summary = compile_and_count(model, {"x": x})
+    assert ops == 4 and summary.rewrites["SharedInputFusionPass"] == 0  # their operands are reused, not quantized again
+    assert {origin for *_, origin in summary.layers} == {"reused"}
+    assert torch.equal(again, alone)
+
+
+def test_save_load_round_trip_rebuilds_the_joint_op(tmp_path):
+    model, x = QKV().eval(), outlier_input(2, 5, 128)
+    out, _, _ = compile_and_count(model, {"x": x})
+    path = save_quantized(model, tmp_path / "qkv.safetensors")
+    with torch.device("meta"):
+        loaded = QKV().eval()
+    load_quantized(loaded, path, device="cpu")
+    again, ops, summary = compile_and_count(loaded, {"x": x}, checkpoint=str(path))
+    assert ops == 2 and {origin for *_, origin in summary.layers} == {"reused"}
+    assert torch.equal(again, out)
+    # the members' separate tensors from the file became views of one joint copy
+    q, v = (next(iter(svdq_backend.quantized_entries(w).values())) for w in (loaded.q.weight, loaded.v.weight))
+    assert q.lora_up.untyped_storage().data_ptr() == v.lora_up.untyped_storage().data_ptr()
+
+
+def test_disk_cache_keys_the_concatenated_weight(tmp_path):
+    config = SVDQuantConfig(cache_dir=str(tmp_path))
+    weights = [nn.Parameter(torch.randn(64, 128, generator=gen(i))) for i in range(3)]
+    first = svdq_backend.quantize_group(weights, ["q", "k", "v"], config)
+    assert not first.joint.from_cache and len(list(tmp_path.glob("*.safetensors"))) == 1
+    again = svdq_backend.quantize_group([nn.Parameter(w.detach().clone()) for w in weights], ["q", "k", "v"], config)
+    assert again.joint.from_cache and all(m.from_cache for m in again.members)
+    for a, b in zip(first.joint.operands(), again.joint.operands()):
+        assert torch.equal(a, b)
+
+
+def test_inductor_pass_with_freezing_fuses_too():
+    model, x = QKV().eval(), outlier_input(3, 128)
+    ref = joint_reference(model, x)
+    counter = CountW4A4()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(pre_grad_custom_pass=None, freezing=False, post_grad_custom_post_pass=counter), torch.no_grad():
+        svdq_compile.register_inductor_pass(OPTIONS, freeze=True)
+        out = torch.compile(model)(x)
+        svdq_compile.unregister_inductor_pass()
+    torch._dynamo.reset()
+    assert counter.counts == [2]
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_flux_q_k_v_and_proj_mlp_fuse():
+    # 1 double + 1 single block: 20 eligible linears; fused are the double block's to_q/k/v and
+    # add_q/k/v_proj, the single block's to_q/k/v + proj_mlp: 10 linears in 3 ops
+    inputs = flux_inputs()
+    off, ops_off, _ = compile_and_count(flux_model(), inputs, fuse_shared_input=False)
+    on, ops_on, summary = compile_and_count(flux_model(), inputs)
+    assert (ops_off, ops_on) == (20, 13)
+    assert summary.rewrites == {"LoraLinearFusionPass": 0, "SharedInputFusionPass": 3, "LinearToW4A4Pass": 10}
+    with torch.no_grad():
+        ref = swap_to_quantized(flux_model(), inputs)(**inputs)[0]
+        fp = flux_model()(**inputs)[0]
+    assert rel_err(on, ref) < 1e-4
+    assert rel_err(on, fp) < 0.1 and rel_err(off, fp) < 0.1  # the joint quantization is as good as one by one
