@@ -206,7 +206,7 @@ def main() -> None:
     plot(rows, os.path.join(args.out, "bench_kernels.png"))
 
 
-SWEEP_SHAPES = [(4096, 12288, 3072), (4608, 3072, 3072), (4096, 3072, 12288), (256, 3072, 15360), (77, 12288, 3072), (1, 3072, 15360)]
+SWEEP_SHAPES = [(4096, 12288, 3072), (4608, 3072, 3072), (4096, 3072, 12288), (4608, 21504, 3072), (4608, 3072, 15360), (512, 3072, 3072), (256, 3072, 15360), (77, 12288, 3072), (1, 3072, 15360)]
 SWEEP_EXTRA = [
     gemm_module.GemmConfig(128, 256, 128, 1, 8, 4, group_m=16),
     gemm_module.GemmConfig(128, 128, 256, 1, 8, 3),
@@ -216,6 +216,12 @@ SWEEP_EXTRA = [
     gemm_module.GemmConfig(16, 128, 256, 4, 4, 4),
     gemm_module.GemmConfig(32, 64, 256, 4, 4, 5),
     gemm_module.GemmConfig(64, 64, 256, 2, 4, 4),
+    gemm_module.GemmConfig(128, 256, 128, 1, 8, 3, persistent=True),
+    gemm_module.GemmConfig(128, 256, 128, 1, 8, 4, persistent=True),
+    gemm_module.GemmConfig(256, 128, 128, 1, 8, 3, persistent=True),
+    gemm_module.GemmConfig(128, 128, 128, 1, 8, 4, persistent=True),
+    gemm_module.GemmConfig(128, 256, 64, 1, 8, 5, persistent=True),
+    gemm_module.GemmConfig(128, 128, 128, 1, 4, 4, persistent=True),
 ]
 
 

@@ -187,11 +187,14 @@ def test_w4a4_gemm_matches_reference(dtype, two_level, rank, with_bias):
 @pytest.mark.parametrize(
     "config",
     [gk.GemmConfig(16, 32, 128, 1, 4, 2), gk.GemmConfig(16, 32, 128, 2, 4, 2), gk.GemmConfig(32, 64, 64, 4, 4, 2),
-     gk.GemmConfig(16, 16, 64, 8, 4, 2, group_m=2), gk.GemmConfig(64, 32, 128, 1, 4, 2, group_m=1)],
-    ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}g{c.group_m}",
+     gk.GemmConfig(16, 16, 64, 8, 4, 2, group_m=2), gk.GemmConfig(64, 32, 128, 1, 4, 2, group_m=1),
+     gk.GemmConfig(16, 32, 128, 1, 4, 2, group_m=2, persistent=True), gk.GemmConfig(32, 16, 64, 1, 4, 2, persistent=True)],
+    ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}g{c.group_m}" + ("p" if c.persistent else ""),
 )
 def test_w4a4_gemm_tile_configs(config):
-    """Split-K (more splits than K tiles included), masked K tails, tile groups, odd M and N."""
+    """Split-K (more splits than K tiles included), masked K tails, tile groups, odd M and N, and the
+    persistent kernel (more tiles than programs, so each program walks several; TMA zero-fill past
+    M, N and K)."""
     gen = torch.Generator().manual_seed(config.block_m * 1000 + config.split_k)
     args = _gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, True, gen)
     ref, bound = gemm_bound(args, torch.bfloat16)

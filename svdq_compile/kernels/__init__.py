@@ -7,3 +7,20 @@
 The modules are imported where they are used (``svdq_compile.ops`` on CUDA), not here: Triton picks
 its CPU interpreter when a kernel is decorated, so importing them must wait for the environment.
 """
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (launch grids are sized by it); 4 off CUDA (interpreter).
+
+    Example:
+        >>> sm_count(torch.device("cpu"))
+        4
+    """
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4

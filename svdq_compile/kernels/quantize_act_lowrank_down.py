@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import sm_count
 from ..numerics import MULT_MAX, QMAX, QMIN, quantize_activations
 
 
@@ -217,13 +218,6 @@ def default_quantize_config(m: int, k: int, rank: int, group_size: int) -> Quant
     return QuantizeConfig(8, max(group_size, 512), 4, 3)
 
 
-_sm_counts: dict[torch.device, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device not in _sm_counts:
-        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return _sm_counts[device]
 
 
 def _k_slices(k: int, block_k: int, programs_per_slice: int, wanted_programs: int) -> tuple[int, int]:
@@ -277,7 +271,7 @@ def quantize_act_lowrank_down(
     if cfg.block_k % group_size:
         raise ValueError(f"quantize_act_lowrank_down: block_k = {cfg.block_k} must be a multiple of group_size = {group_size}")
     smooth = smooth_inv.float().contiguous()
-    sms = _sm_count(device)
+    sms = sm_count(device)
 
     # Launch 1: row maxima and low-rank partial sums, K sliced for about two programs per SM.
     stat_splits, row_max, partials = 1, act_scales, lora_act  # placeholders when launch 1 is skipped

@@ -9,7 +9,8 @@
 * then ``+= lora_act @ lora_up^T`` (fp32 accumulation, the rank looped in chunks, so ranks up to 256
   cost one extra small dot per chunk), ``+= bias``, cast to ``out_dtype``.
 
-Small M is memory-bound on the weight: those configs use small M tiles, more programs along N and,
+Large M may run persistent (one program per SM walking the tiles, TMA loads). Small M is
+memory-bound on the weight: those configs use small M tiles, more programs along N and,
 for the two-level format, split-K. Split-K partial sums are int32 and added with integer atomics
 into a self-cleaning workspace (exact, so the result does not depend on the order); the last
 program of a tile (a per-tile counter) reads the sum back, zeroing the workspace as it goes, and
@@ -25,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from . import sm_count
 
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -110,6 +113,41 @@ def _w4a4_gemm_kernel(
 
 
 @triton.jit
+def _w4a4_gemm_persistent_kernel(
+    a_desc, w_desc, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
+    M, N, K, R,
+    HAS_BIAS: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):
+    """Two-level scales, large M: one program per SM walks the output tiles (grouped order), loading
+    the int8 operands through TMA descriptors (zero-filled past M, N and K, so no masks or address
+    arithmetic in the K loop); the flattened loop lets the next tile's loads start during the
+    current tile's epilogue."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    pids_in_group = GROUP_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
+        first_m = (tile // pids_in_group) * GROUP_M
+        group_rows = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % pids_in_group) % group_rows
+        pid_n = (tile % pids_in_group) // group_rows
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kt in range(0, k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_a = (offs_m % M).to(tl.int64)
+        rows_w = (offs_n % N).to(tl.int64)
+        out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
+        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
+                  HAS_BIAS, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
+
+
+@triton.jit
 def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
               HAS_BIAS: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
     """out += lora_act @ lora_up^T (rank in chunks of BLOCK_R) + bias; store as out's dtype."""
@@ -141,6 +179,7 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    persistent: bool = False  # two-level, split_k 1: one program per SM over all tiles, TMA loads
 
 
 def _candidate_configs(m: int, two_level: bool, group_size: int) -> list[GemmConfig]:
@@ -157,12 +196,16 @@ def _candidate_configs(m: int, two_level: bool, group_size: int) -> list[GemmCon
         return [GemmConfig(64, bn, 128, s, 4, 4) for bn in (64, 128) for s in (1, 2, 4)]
     if m <= 256:
         return [GemmConfig(bm, 128, 128, s, 4 if bm == 64 else 8, 4) for bm in (64, 128) for s in (1, 2, 4)] + [GemmConfig(128, 256, 128, 1, 8, 3)]
+    # Persistent tiles won 3-9% at M >= 4096 with N or K >= 12288 on an H100 (KERNEL_NOTES.md, v6)
+    # and lost at N = K = 3072: both kinds are candidates, the measurement decides.
     return [
         GemmConfig(128, 256, 128, 1, 8, 3),
         GemmConfig(128, 256, 128, 1, 8, 4),
         GemmConfig(256, 128, 128, 1, 8, 3),
         GemmConfig(128, 128, 128, 1, 8, 4),
         GemmConfig(128, 128, 128, 1, 4, 4),
+        GemmConfig(128, 256, 128, 1, 8, 4, persistent=True),
+        GemmConfig(256, 128, 128, 1, 8, 3, persistent=True),
     ]
 
 
@@ -209,6 +252,21 @@ def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scal
 
 def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, lora_dtype: torch.dtype, cfg: GemmConfig) -> None:
     two_level = group == 0
+    block_r = 16 if rank <= 16 else (32 if rank <= 32 else 64)
+    lora_tl, lora_precision = _TORCH_TO_TL[lora_dtype], "ieee" if lora_dtype == torch.float32 else "tf32"
+    if cfg.persistent and two_level:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, out = args
+        programs = min(sm_count(act_q.device), triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n))
+        _w4a4_gemm_persistent_kernel[(programs,)](
+            TensorDescriptor.from_tensor(act_q, [cfg.block_m, cfg.block_k]), TensorDescriptor.from_tensor(weight_q, [cfg.block_n, cfg.block_k]),
+            act_scales, weight_scales, lora_act, lora_up, bias, out, m, n, k, rank,
+            HAS_BIAS=has_bias, LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+            GROUP_M=cfg.group_m, NUM_PROGRAMS=programs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return
     split_k = cfg.split_k if two_level else 1
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     ws, counts = _split_k_workspace(args[0].device, m * n, tiles) if split_k > 1 else (args[0], args[0])
@@ -216,8 +274,8 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
     _w4a4_gemm_kernel[(tiles, split_k)](
         *args, ws, counts, m, n, k, rank,
         TWO_LEVEL=two_level, HAS_BIAS=has_bias, GROUP=max(group, 1),
-        LORA_DTYPE=_TORCH_TO_TL[lora_dtype], LORA_PRECISION="ieee" if lora_dtype == torch.float32 else "tf32",
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=16 if rank <= 16 else (32 if rank <= 32 else 64),
+        LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         GROUP_M=cfg.group_m, SPLIT_K=split_k, EVEN_K=k % (block_k * split_k) == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
