@@ -21,9 +21,10 @@ Backend (``torch.compile(model, backend="svdquant", options={...})``, found by n
    ``untyped_storage().resize_(0)``: shape and strides stay, so Dynamo's guards still pass and
    recompiles still trace, but the memory is gone. A weight that any compiled graph still reads in
    16-bit is never freed. Eager forward calls afterwards fail in PyTorch with
-   ``setStorage: ... out of bounds for storage of size 0``, but copies of a freed weight (moving the
-   model, deepcopy, saving a state_dict) are unchecked and crash or read garbage, as for FSDP's
-   freed storages; ``options={"free_weights": False}`` keeps the weights (docs/backend.md).
+   ``setStorage: ... out of bounds for storage of size 0``, and ``copy.deepcopy`` of the weight (or
+   of its model) raises an error saying what to do; other copies of a freed weight (``.to()``,
+   ``.clone()``, a state_dict written to disk) are unchecked and crash or read garbage, as for
+   FSDP's freed storages; ``options={"free_weights": False}`` keeps the weights (docs/backend.md).
 
 ``SVDQUANT=0`` in the environment (read at each compile) makes the backend plain Inductor.
 
@@ -55,7 +56,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import cache, calibration
+from . import cache, calibration, numerics
 from .config import SVDQuantConfig
 from .passes.base import QuantizedNodes, linear_parts, shared_input_groups
 from .passes.pass_manager import SVDQPassManager
@@ -330,7 +331,10 @@ def _quantized_entry(weight: Tensor, name: str, config: SVDQuantConfig, stats: C
             layer = QuantizedLinear.from_weight(weight, None, config, stats)
             if key:
                 cache.save(config, key, layer)
-        return QuantizedWeight(layer.weight_operand(), layer.scales, layer.smooth_inv, layer.lora_down, layer.lora_up, config.group_size, name, time.perf_counter() - start, from_cache)
+        weight_q = layer.weight_operand()
+        if config.packed_weights:
+            weight_q = numerics.pack_weight_operand(weight_q, config.group_size, config.two_level)
+        return QuantizedWeight(weight_q, layer.scales, layer.smooth_inv, layer.lora_down, layer.lora_up, config.group_size, name, time.perf_counter() - start, from_cache)
 
 
 def skip_reason(name: str, weight: Any, config: SVDQuantConfig) -> str | None:
@@ -570,7 +574,7 @@ class _RuntimeCall:
             for layer, (_, members) in zip(self.layers, operands):
                 for index, member in zip(layer.input_indices, members):
                     if not member.freed:
-                        member.freed = _free(args[index])
+                        member.freed = _free(args[index], member.name)
         return out
 
     def _operands(self, args: tuple, layer: _Layer) -> tuple[QuantizedWeight, tuple[QuantizedWeight, ...]]:
@@ -588,12 +592,23 @@ class _RuntimeCall:
         return group.joint, group.members
 
 
-def _free(weight: Tensor) -> bool:
+def _free(weight: Tensor, name: str) -> bool:
     """Release the storage of a 16-bit weight nothing reads any more; True when it is gone."""
     if weight in _READ_IN_16BIT:
         return False
     weight.untyped_storage().resize_(0)
+    # Copying a tensor without storage reads a null pointer (a segfault on CPU): make deepcopy of
+    # the weight (and so of its model or pipeline) an error that says what to do. copy.deepcopy
+    # finds __deepcopy__ on the instance first.
+    weight.__deepcopy__ = functools.partial(_refuse_copy, name)
     return True
+
+
+def _refuse_copy(name: str, memo: dict) -> None:
+    raise RuntimeError(
+        f"svdquant freed the 16-bit weight of {name!r} after quantizing it, so the compiled model cannot be copied: "
+        "copy the model before compiling it, save it with svdq_compile.save_quantized, or compile with options={'free_weights': False}"
+    )
 
 
 def _inductor_patches(mode: str | None) -> dict[str, Any]:
@@ -637,8 +652,10 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
     """torch.compile backend: rewrite linears (and their LoRAs) to W4A4 SVDQuant, then Inductor.
 
     ``options`` are ``SVDQuantConfig`` fields (an unknown key raises a ValueError listing the valid
-    ones); ``mode`` is forwarded to Inductor like ``torch.compile(mode=...)`` does. Returns the
-    compiled callable. ``SVDQUANT=0`` in the environment skips the rewrite (plain Inductor).
+    ones); ``mode`` is forwarded to Inductor like ``torch.compile(mode=...)`` does. torch.compile
+    takes ``mode`` or ``options``, not both, so ``options`` may carry ``"mode"`` too (e.g.
+    ``{"rank": 16, "mode": "reduce-overhead"}`` for CUDA graphs). Returns the compiled callable.
+    ``SVDQUANT=0`` in the environment skips the rewrite (plain Inductor).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
@@ -651,6 +668,11 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
 
     from .checkpoint import checkpoint_config  # the checkpoint module builds on this one's registry
 
+    options = dict(options or {})
+    if "mode" in options:
+        if mode is not None:
+            raise ValueError(f"svdquant: mode given twice ({mode!r} and options['mode'] = {options['mode']!r}); give it once")
+        mode = options.pop("mode")
     config = checkpoint_config(SVDQuantConfig.from_options(options))
     patches = _inductor_patches(mode)
     if os.environ.get("SVDQUANT", "").strip() == "0":

@@ -81,10 +81,14 @@ def save_quantized(module: nn.Module, path: str | Path) -> Path:
 
 
 def _pack(entry: QuantizedWeight, config: dict) -> tuple[Tensor, ...]:
-    if config["format"] == "int4_2level":
-        q, mult = numerics.split_2level(entry.weight_q, config["group_size"])
+    two_level = config["format"] == "int4_2level"
+    operand = entry.weight_q
+    if operand.dtype == torch.uint8:  # kept packed in memory (packed_weights=True)
+        operand = numerics.unpack_weight_operand(operand, entry.smooth_inv.shape[0], config["group_size"], two_level)
+    if two_level:
+        q, mult = numerics.split_2level(operand, config["group_size"])
     else:
-        q, mult = entry.weight_q, torch.empty(0, dtype=torch.uint8)
+        q, mult = operand, torch.empty(0, dtype=torch.uint8)
     return numerics.pack_int4(q), entry.weight_scales, mult, entry.smooth_inv, entry.lora_down, entry.lora_up
 
 
@@ -106,12 +110,13 @@ def checkpoint_config(config: SVDQuantConfig) -> SVDQuantConfig:
     return dataclasses.replace(config, **json.loads(raw)["config"])
 
 
-def load_quantized(model: nn.Module, path: str | Path, device: str | torch.device | None = None) -> SVDQuantConfig:
+def load_quantized(model: nn.Module, path: str | Path, device: str | torch.device | None = None, packed_weights: bool = False) -> SVDQuantConfig:
     """Load a ``save_quantized`` file into ``model`` (on CPU, a device, or the meta device).
 
     Every weight and buffer comes from the file; quantized weights become shape-only parameters (no
     memory) whose quantized operands the ``svdquant`` backend then uses without quantizing. Compile
-    afterwards with ``options={"checkpoint": path}``. Returns the checkpoint's config. A file that
+    afterwards with ``options={"checkpoint": path}``. ``packed_weights=True`` keeps the weights at 4
+    bits in memory (see ``SVDQuantConfig.packed_weights``). Returns the checkpoint's config. A file that
     does not match the model (missing layer, other shape, other format version) raises a ValueError
     naming the layer; nothing is loaded partially.
 
@@ -135,7 +140,7 @@ def load_quantized(model: nn.Module, path: str | Path, device: str | torch.devic
         meta = json.loads(raw)
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"load_quantized: {path} has format version {meta.get('format_version')}, this svdq_compile reads {FORMAT_VERSION}; re-save it with this version")
-        config = SVDQuantConfig(**meta["config"], checkpoint=str(path))
+        config = SVDQuantConfig(**meta["config"], checkpoint=str(path), packed_weights=packed_weights)
         quantized = meta["quantized"]
         stored = set(f.keys())
         targets = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -178,8 +183,11 @@ def _check_matches(targets: dict[str, Tensor], quantized: dict[str, list[int]], 
 
 
 def _unpack(parts: dict[str, Tensor], config: SVDQuantConfig, name: str) -> QuantizedWeight:
-    q = numerics.unpack_int4(parts["qweight"])
-    weight_q = numerics.expand_2level(q, parts["mult"], config.group_size) if config.two_level else q
+    if config.packed_weights:  # the file's layout is numerics.pack_weight_operand's, split in two
+        weight_q = torch.cat((parts["qweight"], parts["mult"]), dim=-1) if config.two_level else parts["qweight"]
+    else:
+        q = numerics.unpack_int4(parts["qweight"])
+        weight_q = numerics.expand_2level(q, parts["mult"], config.group_size) if config.two_level else q
     return QuantizedWeight(weight_q, parts["scales"], parts["smooth_inv"], parts["lora_down"], parts["lora_up"],
                            config.group_size, name.removesuffix(".weight"), seconds=0.0, from_cache=True, freed=True)
 

@@ -61,6 +61,10 @@ class SVDQuantConfig:
         quantize_linear: backend pass flag: rewrite every eligible linear into the W4A4 op.
         free_weights: after the first compiled call, release the storage of the 16-bit weights the
             compiled graph no longer reads (eager calls and ``state_dict`` then fail).
+        packed_weights: keep quantized weights in GPU memory at 4 bits (0.27x the bytes of bf16)
+            and expand each to the GEMM's int8 operand just before its GEMM, instead of keeping the
+            int8 operand (0.5x): less memory, about 8% slower GEMMs at large M on an H100
+            (benchmarks/RESULTS.md). Applies when a weight is first quantized in the process.
 
     Example:
         >>> SVDQuantConfig(rank=16).rank
@@ -81,6 +85,7 @@ class SVDQuantConfig:
     fuse_shared_input: bool = True
     quantize_linear: bool = True
     free_weights: bool = True
+    packed_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -102,7 +107,7 @@ class SVDQuantConfig:
         self.skip = tuple(self.skip)
         if not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be an integer >= 1, got {self.calib_tokens!r}")
-        for name in ("fuse_lora", "fuse_shared_input", "quantize_linear", "free_weights"):
+        for name in ("fuse_lora", "fuse_shared_input", "quantize_linear", "free_weights", "packed_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from svdq_compile import load_quantized, save_quantized
+from svdq_compile.backend import quantized_entries
 
 MODEL = textwrap.dedent(
     """
@@ -93,6 +94,18 @@ def _rewrite(path, dest, drop=None, reshape=None, version=None):
         meta["format_version"] = version
     save_file(tensors, str(dest), metadata={"svdq_compile": json.dumps(meta)})
     return dest
+
+
+def test_packed_weights_from_a_checkpoint_give_identical_outputs(saved):
+    folder, path = saved
+    io = torch.load(folder / "io.pt")
+    model = Tiny().eval()  # noqa: F821 (defined by exec above)
+    load_quantized(model, path, packed_weights=True)
+    (entry,) = quantized_entries(model.blocks[0].weight).values()
+    assert entry.weight_q.dtype == torch.uint8
+    compiled = torch.compile(model, backend="svdquant", options={"checkpoint": str(path), "cache_dir": ""})
+    with torch.no_grad():
+        assert torch.equal(compiled(io["x"]), io["out"])
 
 
 @pytest.mark.parametrize(

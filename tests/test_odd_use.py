@@ -88,3 +88,50 @@ def test_shapes_that_do_not_fit_stay_16bit_with_a_reason():
     (summary,) = list(svdq_backend.recent_summaries)[start:]
     reasons = dict(summary.skips)
     assert "multiple of group_size" in reasons["0"] and "too small" in reasons["1"] and "multiple of group_size" in reasons["2"]
+
+
+def test_packed_weights_give_identical_outputs_from_half_the_bytes():
+    torch._dynamo.reset()
+    x = _x()
+    outs, entries = [], []
+    for packed in (False, True):
+        model = _mlp(4)
+        compiled = torch.compile(model, backend="svdquant", options={"rank": 8, "cache_dir": "", "packed_weights": packed})
+        with torch.no_grad():
+            outs.append(compiled(x))
+        (entry,) = svdq_backend.quantized_entries(model[0].weight).values()
+        entries.append(entry)
+    assert torch.equal(outs[0], outs[1])
+    assert entries[0].weight_q.dtype == torch.int8 and entries[1].weight_q.dtype == torch.uint8
+    assert entries[1].weight_q.nbytes < 0.52 * entries[0].weight_q.nbytes
+
+
+def test_deepcopy_of_a_model_whose_weights_were_freed_says_what_to_do():
+    import copy
+
+    import pytest
+
+    torch._dynamo.reset()
+    model = _mlp(5)
+    compiled = torch.compile(model, backend="svdquant", options={"rank": 8, "cache_dir": ""})
+    before = copy.deepcopy(model)  # before the first call nothing is freed: copying works
+    with torch.no_grad():
+        compiled(_x())
+    assert model[0].weight.untyped_storage().nbytes() == 0 and before[0].weight.untyped_storage().nbytes() > 0
+    with pytest.raises(RuntimeError, match="save_quantized|free_weights"):
+        copy.deepcopy(model)
+
+
+def test_mode_rides_in_options_and_twice_is_an_error():
+    import pytest
+
+    from svdq_compile.backend import svdquant_backend
+
+    torch._dynamo.reset()
+    model, x = _mlp(6), _x()
+    options = {"rank": 8, "cache_dir": "", "free_weights": False}
+    compiled = torch.compile(model, backend="svdquant", options=options | {"mode": "max-autotune-no-cudagraphs"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), _reference(model, options, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mode given twice"):
+        svdquant_backend(torch.fx.symbolic_trace(model), [x], mode="default", options={"mode": "reduce-overhead"})
