@@ -9,7 +9,13 @@ time is cold, memory is the configuration's own, and the disk cache is the only 
 * bf16 eager; bf16 Inductor;
 * fp8 dynamic rowwise (torch._scaled_mm, e4m3, per-token x per-channel scales), Inductor;
 * int4 weight-only (torch._weight_int4pack_mm, group 64), Inductor;
-* svdquant (backend="svdquant", rank 32), cold and again with a warm cache; svdquant + a rank-32 LoRA.
+* svdquant (backend="svdquant", rank 32), cold and again with a warm cache; svdquant + a rank-32 LoRA;
+  svdquant with 4-bit packed weights in memory (``packed_weights=True``);
+* bf16 Inductor and svdquant with the compiled forward captured as one CUDA graph
+  (``torch.cuda.graph``; static shapes), which takes the per-call CPU work (Python, kernel
+  launches, guards) out of the forward. (``mode="reduce-overhead"`` with regional compilation
+  fails in diffusers' FLUX blocks for bf16 Inductor too: cudagraph trees report that a block's
+  replay overwrote an output the model still reads.)
 
 Compiled configurations use diffusers' regional compilation (``compile_repeated_blocks``), what
 users take for fast cold starts. Per configuration: median forward latency (CUDA events, warmed up),
@@ -33,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONFIGS = ["bf16 eager", "bf16 inductor", "fp8 rowwise", "int4 weight-only", "svdquant", "svdquant warm", "svdquant + LoRA"]
+CONFIGS = ["bf16 eager", "bf16 inductor", "fp8 rowwise", "int4 weight-only", "svdquant", "svdquant warm", "svdquant + LoRA",
+           "svdquant packed", "bf16 inductor + CUDA graph", "svdquant + CUDA graph", "svdquant + LoRA + CUDA graph"]
 TEXT_TOKENS = 512
 GROUP = 64
 
@@ -125,19 +132,25 @@ def swap_block_linears(model: nn.Module, make: type) -> None:
 
 
 def add_lora(model: nn.Module, rank: int) -> None:
-    """A rank-``rank`` peft LoRA on the attention projections with non-zero random factors."""
+    """A rank-``rank`` peft LoRA on the attention projections with non-zero random factors,
+    prepared for compiling as docs/backend.md advises (strengths as tensors: no recompile later)."""
     from peft import LoraConfig
+
+    from svdq_compile.lora import prepare_lora_layers
 
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
     model.to(torch.bfloat16)
+    prepare_lora_layers(model)
 
 
-def weight_bytes(model: nn.Module, quantized: list | None = None) -> int:
-    """Bytes of the weights a forward reads: live parameters/buffers plus quantized operands."""
-    total = sum(t.untyped_storage().nbytes() for t in list(model.parameters()) + list(model.buffers()))
+def weight_bytes(model: nn.Module, quantized: list[torch.Tensor] | None = None) -> int:
+    """Bytes of the weights a forward reads: live parameters/buffers plus quantized operands, each
+    storage counted once (joint quantizations' members are views of one storage)."""
+    tensors = list(model.parameters()) + list(model.buffers()) + list(quantized or [])
     for module in model.modules():  # module-swap baselines keep their tensors as plain attributes
-        total += sum(v.untyped_storage().nbytes() for v in vars(module).values() if isinstance(v, torch.Tensor))
-    return total + sum(q.nbytes() for q in quantized or [])
+        tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(nbytes for ptr, nbytes in storages.items() if ptr)
 
 
 def sample_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -176,20 +189,33 @@ def layer_errors(layers: dict[str, nn.Linear], inputs: dict[str, torch.Tensor], 
     return errors
 
 
-def time_forward(model: nn.Module, inputs: dict, iters: int) -> float:
-    """Median ms of ``iters`` forwards, CUDA-event timed, after warm-up."""
+def time_forward(forward, iters: int) -> float:
+    """Median ms of ``iters`` calls of ``forward()``, CUDA-event timed, after warm-up."""
     with torch.no_grad():
         for _ in range(3):
-            model(**inputs)
+            forward()
         times = []
         for _ in range(iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            model(**inputs)
+            forward()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def graphed_forward(model: nn.Module, inputs: dict):
+    """The compiled forward captured as one CUDA graph (static inputs): its replay, which runs the
+    same kernels with no Python, launch or guard work per call."""
+    with torch.no_grad():
+        for _ in range(2):  # tune kernels, free weights, allocate outside the capture
+            model(**inputs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(**inputs)
+    return graph.replay
 
 
 def run_config(name: str, args: argparse.Namespace) -> dict:
@@ -213,12 +239,16 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         result["layer_error_median"] = sorted(errors)[len(errors) // 2]
         result["layer_error_max"] = max(errors)
         del inputs
-    if name == "svdquant + LoRA":
+    if name.startswith("svdquant + LoRA"):
         add_lora(model, 32)
     if name in ("fp8 rowwise", "int4 weight-only"):
         swap_block_linears(model, quantizers[name])
     if name == "bf16 inductor" or name in ("fp8 rowwise", "int4 weight-only"):
         model.compile_repeated_blocks(fullgraph=True)
+    elif name == "bf16 inductor + CUDA graph":
+        model.compile_repeated_blocks(fullgraph=True)
+    elif name == "svdquant packed":
+        model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options | {"packed_weights": True})
     elif name.startswith("svdquant"):
         model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options)
     torch.cuda.synchronize()
@@ -233,32 +263,37 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         weights = weight_bytes(model, _svdq_operands())
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        ms = time_forward(model, inputs, args.iters)
+        forward = graphed_forward(model, inputs) if name.endswith("+ CUDA graph") else lambda: model(**inputs)
+        ms = time_forward(forward, args.iters)
         activations = torch.cuda.max_memory_allocated() - before
         result[tokens] = {"ms": ms, "first_call_s": first_call, "weight_gib": weights / 2**30, "peak_gib": (weights + activations) / 2**30}
-        if args.profile and tokens == args.tokens[0]:
-            result["time_shares"] = time_shares(model, inputs)
+        if args.profile and tokens == args.tokens[0] and not name.endswith("+ CUDA graph"):
+            result["time_shares"], result["gpu_ms"], result["top_kernels"] = profile_forward(model, inputs)
+        del forward
+        torch.cuda.empty_cache()
     return result
 
 
 # Kernel-name fragments of each share of the forward's GPU time, matched in this order.
 SHARES = (
     ("W4A4 GEMM", ("w4a4_gemm",)),
-    ("activation quantize", ("quantize_act",)),
+    ("activation quantize", ("_quantize_kernel", "_row_max_lowrank_kernel", "quantize_act")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("other GEMMs", ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm", "int4", "sm90", "matmul")),
 )
 
 
-def time_shares(model: nn.Module, inputs: dict) -> dict[str, float]:
-    """Share of GPU kernel time per kind of kernel over 3 profiled forwards (torch.profiler)."""
+def profile_forward(model: nn.Module, inputs: dict, forwards: int = 3) -> tuple[dict[str, float], float, list]:
+    """Share of GPU kernel time per kind of kernel, GPU ms per forward, and the 15 kernels that
+    take the most time (name, ms per forward, calls per forward), over profiled forwards."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+        for _ in range(forwards):
             model(**inputs)
         torch.cuda.synchronize()
     totals = {name: 0.0 for name, _ in SHARES} | {"everything else": 0.0}
+    kernels = []
     for event in prof.key_averages():
         us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
         if not us or event.key.startswith(("ProfilerStep", "aten::", "Torch-Compiled", "CompiledFunction")):
@@ -266,17 +301,20 @@ def time_shares(model: nn.Module, inputs: dict) -> dict[str, float]:
         key = event.key.lower()
         share = next((name for name, parts in SHARES if any(p in key for p in parts)), "everything else")
         totals[share] += us
+        kernels.append((event.key[:90], round(us / forwards / 1e3, 3), event.count // forwards))
     total = sum(totals.values()) or 1.0
-    return {name: round(us / total, 3) for name, us in totals.items()}
+    top = sorted(kernels, key=lambda k: -k[1])[:15]
+    return {name: round(us / total, 3) for name, us in totals.items()}, round(total / forwards / 1e3, 2), top
 
 
-def _svdq_operands() -> list:
-    """The quantized operands the svdquant backend holds for live weights (one entry per layer)."""
+def _svdq_operands() -> list[torch.Tensor]:
+    """The quantized operand tensors the svdquant backend holds for live weights."""
     if "svdq_compile.backend" not in sys.modules:
         return []
     from svdq_compile import backend
 
-    return [q for per_config in backend._QUANTIZED.values() for q in per_config.values()]
+    entries = [q for per_config in backend._QUANTIZED.values() for q in per_config.values()]
+    return [t for q in entries for e in [q, *(g.joint for g in q.groups)] for t in e.operands()]
 
 
 def plot(rows: list[dict], tokens: int, path: str, device: str) -> None:
@@ -325,6 +363,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 1024], help="image tokens (4096 = 1024x1024, 1024 = 512x512)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--config-timeout", type=float, default=400, help="seconds per configuration's process")
     parser.add_argument("--profile", action="store_true", help="also report each kind of kernel's share of GPU time")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--cache-dir", default=None, help="svdquant disk cache (default: a fresh folder under --out)")
@@ -346,7 +385,11 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", name, "--blocks", *map(str, args.blocks), "--tokens", *map(str, args.tokens),
                "--iters", str(args.iters), "--out", args.out, "--cache-dir", args.cache_dir] + (["--profile"] if args.profile else [])
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.config_timeout)
+        except subprocess.TimeoutExpired as exc:
+            text = [t.decode(errors="replace") if isinstance(t, bytes) else (t or "") for t in (exc.stdout, exc.stderr)]
+            proc = subprocess.CompletedProcess(cmd, -9, text[0], text[1] + f"\ntimed out after {args.config_timeout:.0f} s")
         with open(os.path.join(args.out, "e2e_log.txt"), "a") as log:
             log.write(f"==== {name}\n{proc.stdout[-20000:]}\n{proc.stderr[-20000:]}\n")
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -375,9 +418,10 @@ def report(rows: list[dict], metas: list[dict], tokens_list: list[int], out: str
     shares = [(r["config"], r["time_shares"]) for r in rows if "time_shares" in r]
     if shares:
         names = list(shares[0][1])
-        print(f"\n### Share of GPU time, {tokens_list[0]} image tokens\n| config | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1))
-        for config, share in shares:
-            print(f"| {config} | " + " | ".join(f"{share[n]:.0%}" for n in names) + " |")
+        print(f"\n### Share of GPU time, {tokens_list[0]} image tokens\n| config | GPU ms per forward | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 2))
+        for r in rows:
+            if "time_shares" in r:
+                print(f"| {r['config']} | {r.get('gpu_ms', '-')} | " + " | ".join(f"{r['time_shares'][n]:.0%}" for n in names) + " |")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,23 @@ def test_quantize_near_ties(two_level):
     assert torch.equal(act_q.cpu(), ref_q)
 
 
+@pytest.mark.parametrize("rank", [16, 48, 64, 128, 160, 256, 272])
+@pytest.mark.parametrize("m", [256, 4096])
+def test_quantize_ranks(m, rank):
+    """The low-rank down projection at every rank chunking (LoRAs appended to the SVD branch)."""
+    from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down, quantize_act_lowrank_down_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(seed("qrank", m, rank))
+    x = outlier_input(m, 3072, torch.bfloat16, gen)
+    lora_down = (torch.randn(rank, 3072, generator=gen, device="cuda") / 3072**0.5).bfloat16()
+    smooth_inv = torch.ones(3072, device="cuda")
+    act_q, _, lora_act = quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, True)
+    ref_q, _, ref_lora = (t.cuda() for t in quantize_act_lowrank_down_reference(x.cpu(), smooth_inv.cpu(), lora_down.cpu(), 64, True))
+    assert torch.equal(act_q, ref_q)
+    bound = 3072 * FP32_EPS * (x.float().abs() @ lora_down.float().abs().T) + ulp_bound(ref_lora.float(), torch.bfloat16)
+    assert ((lora_act.float() - ref_lora.float()).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("rank", [16, 48, 128, 256, 272])
 def test_ranks(rank):
     from svdq_compile.kernels.w4a4_gemm import w4a4_gemm
