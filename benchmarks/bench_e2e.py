@@ -373,6 +373,7 @@ def main() -> None:
     if args.merge:
         runs = [json.load(open(path)) for path in args.merge]
         rows = [{k if not k.isdigit() else int(k): v for k, v in row.items()} for run in runs for row in run["rows"]]
+        rows.sort(key=lambda r: CONFIGS.index(r["config"]) if r["config"] in CONFIGS else len(CONFIGS))
         report(rows, [run["meta"] for run in runs], args.tokens, args.out)
         return
     args.cache_dir = args.cache_dir or os.path.join(args.out, "svdq_cache")
