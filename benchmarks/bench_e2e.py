@@ -326,12 +326,22 @@ def plot(rows: list[dict], tokens: int, path: str, device: str) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    names = [r["config"] for r in rows if tokens in r]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    axes[0].barh(names, [r[tokens]["ms"] for r in rows if tokens in r], color="tab:blue")
-    axes[0].set_xlabel("forward latency (ms, lower is better)")
-    axes[1].barh(names, [r[tokens]["peak_gib"] for r in rows if tokens in r], color="tab:orange", label="peak")
-    axes[1].barh(names, [r[tokens]["weight_gib"] for r in rows if tokens in r], color="tab:green", label="weights")
+    shown = [r for r in rows if tokens in r][::-1]  # first config on top
+    names = [r["config"] for r in shown]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    wall = [r[tokens]["ms"] for r in shown]
+    axes[0].barh(names, wall, color="tab:blue", label="wall (CUDA events)")
+    # GPU kernel time (profiled at the first token count, the one plotted): where it is far below
+    # the wall time, the forward waits on the CPU (Python, launches), which a CUDA graph removes.
+    gpu = [r.get("gpu_ms") for r in shown]
+    axes[0].scatter([g for g in gpu if g], [n for n, g in zip(names, gpu) if g], color="black", marker="|", s=300, label="GPU kernel time", zorder=3)
+    for y, ms in enumerate(wall):
+        axes[0].text(ms, y, f" {ms:.0f}", va="center", fontsize=8)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("forward latency (ms, log scale, lower is better)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[1].barh(names, [r[tokens]["peak_gib"] for r in shown], color="tab:orange", label="peak")
+    axes[1].barh(names, [r[tokens]["weight_gib"] for r in shown], color="tab:green", label="weights")
     axes[1].set_xlabel("memory (GiB)")
     axes[1].legend()
     fig.suptitle(f"FLUX-sized transformer, {tokens} image + {TEXT_TOKENS} text tokens, {device}")
