@@ -1,8 +1,19 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels can only run in Triton's CPU interpreter. The choice is made when a
 # kernel is decorated, so it must be in the environment before anything imports svdq_compile.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def inductor_in_process():
+    """Inductor compiles in this process (on a 2-core machine faster than its worker pool); Dynamo's
+    caches are cleared when the module's tests are done. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("inductor_in_process")``."""
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
+    torch._dynamo.reset()

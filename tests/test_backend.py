@@ -32,11 +32,7 @@ OPTIONS = {"cache_dir": ""}
 CONFIG = SVDQuantConfig(**OPTIONS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _inductor_in_process():
-    with torch._inductor.config.patch(compile_threads=1):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("inductor_in_process")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

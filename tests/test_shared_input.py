@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from test_backend import OPTIONS, CountW4A4, flux_inputs, flux_model, gen, outlier_input, rel_err, swap_to_quantized
+from test_passes import SharedInput
 
 import svdq_compile
 from svdq_compile import QuantizedLinear, SVDQuantConfig, load_quantized, save_quantized
@@ -23,26 +24,13 @@ from svdq_compile import backend as svdq_backend
 CONFIG = SVDQuantConfig(**OPTIONS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _inductor_in_process():
-    with torch._inductor.config.patch(compile_threads=1):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("inductor_in_process")
 
 
-class QKV(nn.Module):
-    """q, k (no bias), v read x; o reads their activations."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.q = nn.Linear(128, 64)
-        self.k = nn.Linear(128, 128, bias=False)
-        self.v = nn.Linear(128, 64)
-        self.o = nn.Linear(256, 64)
-
-    def forward(self, x):
-        return self.o(F.gelu(torch.cat([self.q(x), self.k(x), self.v(x)], -1)))
+def qkv_model() -> SharedInput:
+    """q, k (no bias), v read x; o reads their activations (seeded weights)."""
+    torch.manual_seed(0)
+    return SharedInput().eval()
 
 
 def compile_and_count(model: nn.Module, inputs: dict, **options) -> tuple[torch.Tensor, int, svdq_backend.CompileSummary]:
@@ -56,7 +44,7 @@ def compile_and_count(model: nn.Module, inputs: dict, **options) -> tuple[torch.
     return out[0] if isinstance(out, tuple) else out, sum(counter.counts), summary
 
 
-def joint_reference(model: QKV, x: torch.Tensor) -> torch.Tensor:
+def joint_reference(model: SharedInput, x: torch.Tensor) -> torch.Tensor:
     """q/k/v as one QuantizedLinear of their concatenated weights (k's bias zeros), o quantized alone."""
     joint = QuantizedLinear.from_weight(torch.cat([model.q.weight, model.k.weight, model.v.weight]), torch.cat([model.q.bias, torch.zeros(128), model.v.bias]), CONFIG)
     with torch.no_grad():
@@ -64,7 +52,7 @@ def joint_reference(model: QKV, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_linears_of_one_input_run_as_one_op_and_compute_the_joint_layer():
-    model, x = QKV().eval(), outlier_input(2, 5, 128)
+    model, x = qkv_model(), outlier_input(2, 5, 128)
     fp, ref = copy.deepcopy(model), joint_reference(model, x)
     out, ops, summary = compile_and_count(model, {"x": x})
     assert ops == 2 and summary.rewrites == {"LoraLinearFusionPass": 0, "SharedInputFusionPass": 1, "LinearToW4A4Pass": 1}
@@ -75,7 +63,7 @@ def test_linears_of_one_input_run_as_one_op_and_compute_the_joint_layer():
 
 
 def test_member_entries_are_row_views_that_run_alone_as_the_fused_op_does():
-    model, x = QKV().eval(), outlier_input(3, 128)
+    model, x = qkv_model(), outlier_input(3, 128)
     biases = {name: getattr(model, name).bias for name in ("q", "k", "v", "o")}
     out, _, _ = compile_and_count(model, {"x": x})
     entries = {name: next(iter(svdq_backend.quantized_entries(getattr(model, name).weight).values())) for name in ("q", "k", "v", "o")}
@@ -94,7 +82,7 @@ def test_member_entries_are_row_views_that_run_alone_as_the_fused_op_does():
 
 
 def test_fuse_shared_input_false_gives_one_op_per_linear():
-    model, x = QKV().eval(), outlier_input(2, 5, 128)
+    model, x = qkv_model(), outlier_input(2, 5, 128)
     alone = {name: QuantizedLinear.from_linear(getattr(model, name), CONFIG) for name in ("q", "k", "v", "o")}
     with torch.no_grad():
         ref = alone["o"](F.gelu(torch.cat([alone[n](x) for n in "qkv"], -1)))
@@ -105,7 +93,7 @@ def test_fuse_shared_input_false_gives_one_op_per_linear():
 
 @pytest.mark.parametrize("skip, ops, fused", [(["k"], 2, 1), (["k", "v"], 2, 0)])
 def test_skipped_member_leaves_the_others_grouped_or_alone(skip, ops, fused):
-    model, x = QKV().eval(), outlier_input(4, 128)
+    model, x = qkv_model(), outlier_input(4, 128)
     out, counted, summary = compile_and_count(model, {"x": x}, skip=skip)
     assert counted == ops and summary.rewrites["SharedInputFusionPass"] == fused
     assert {name for name, _ in summary.skips} == set(skip)
@@ -113,7 +101,7 @@ def test_skipped_member_leaves_the_others_grouped_or_alone(skip, ops, fused):
 
 
 def test_member_quantized_alone_before_declines_the_group():
-    model, x = QKV().eval(), outlier_input(4, 128)
+    model, x = qkv_model(), outlier_input(4, 128)
     alone, _, _ = compile_and_count(model, {"x": x}, fuse_shared_input=False, free_weights=False)
     again, ops, summary = compile_and_count(model, {"x": x})
     assert ops == 4 and summary.rewrites["SharedInputFusionPass"] == 0  # their operands are reused, not quantized again
@@ -122,11 +110,11 @@ def test_member_quantized_alone_before_declines_the_group():
 
 
 def test_save_load_round_trip_rebuilds_the_joint_op(tmp_path):
-    model, x = QKV().eval(), outlier_input(2, 5, 128)
+    model, x = qkv_model(), outlier_input(2, 5, 128)
     out, _, _ = compile_and_count(model, {"x": x})
     path = save_quantized(model, tmp_path / "qkv.safetensors")
     with torch.device("meta"):
-        loaded = QKV().eval()
+        loaded = qkv_model()
     load_quantized(loaded, path, device="cpu")
     again, ops, summary = compile_and_count(loaded, {"x": x}, checkpoint=str(path))
     assert ops == 2 and {origin for *_, origin in summary.layers} == {"reused"}
@@ -148,7 +136,7 @@ def test_disk_cache_keys_the_concatenated_weight(tmp_path):
 
 
 def test_inductor_pass_with_freezing_fuses_too():
-    model, x = QKV().eval(), outlier_input(3, 128)
+    model, x = qkv_model(), outlier_input(3, 128)
     ref = joint_reference(model, x)
     counter = CountW4A4()
     torch._dynamo.reset()
