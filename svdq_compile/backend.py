@@ -21,10 +21,11 @@ Backend (``torch.compile(model, backend="svdquant", options={...})``, found by n
    ``untyped_storage().resize_(0)``: shape and strides stay, so Dynamo's guards still pass and
    recompiles still trace, but the memory is gone. A weight that any compiled graph still reads in
    16-bit is never freed. Eager forward calls afterwards fail in PyTorch with
-   ``setStorage: ... out of bounds for storage of size 0``, and ``copy.deepcopy`` of the weight (or
-   of its model) raises an error saying what to do; other copies of a freed weight (``.to()``,
-   ``.clone()``, a state_dict written to disk) are unchecked and crash or read garbage, as for
-   FSDP's freed storages; ``options={"free_weights": False}`` keeps the weights (docs/backend.md).
+   ``setStorage: ... out of bounds for storage of size 0``; ``copy.deepcopy`` of the weight (or of
+   its model) and ``.to()`` / ``.cpu()`` / ``.half()`` of the compiled module or its ancestors
+   raise an error saying what to do; other reads of a freed weight (``.clone()`` of the tensor
+   itself, a state_dict written to disk) are unchecked and crash or read garbage, as for FSDP's
+   freed storages; ``options={"free_weights": False}`` keeps the weights (docs/backend.md).
 
 ``SVDQUANT=0`` in the environment (read at each compile) makes the backend plain Inductor.
 
@@ -49,6 +50,7 @@ import os
 import re
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -571,10 +573,13 @@ class _RuntimeCall:
         extra = [t for entry, _ in operands for t in entry.operands()]
         out = self.compiled(*args, *extra)
         if self.config.free_weights:
+            freed_now = False
             for layer, (_, members) in zip(self.layers, operands):
                 for index, member in zip(layer.input_indices, members):
                     if not member.freed:
-                        member.freed = _free(args[index], member.name)
+                        member.freed = freed_now = _free(args[index], member.name)
+            if freed_now:
+                _refuse_moves_of_freed_weights(_calling_module())
         return out
 
     def _operands(self, args: tuple, layer: _Layer) -> tuple[QuantizedWeight, tuple[QuantizedWeight, ...]]:
@@ -602,6 +607,41 @@ def _free(weight: Tensor, name: str) -> bool:
     # finds __deepcopy__ on the instance first.
     weight.__deepcopy__ = functools.partial(_refuse_copy, name)
     return True
+
+
+def _calling_module() -> nn.Module | None:
+    """The module whose compiled forward is running: the innermost module call on the Python stack
+    (the compiled block under regional compilation, else the compiled model), unwrapped from
+    torch.compile's ``OptimizedModule``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self") if frame.f_code.co_name in ("_wrapped_call_impl", "_call_impl") else None
+        if isinstance(candidate, nn.Module):
+            return getattr(candidate, "_orig_mod", candidate)
+        frame = frame.f_back
+    return None
+
+
+def _refuse_moves_of_freed_weights(module: nn.Module | None) -> None:
+    """Make ``module.to()`` (and ``.cpu()``, ``.half()``, ... anything through ``Module._apply``, also
+    from an ancestor) an error when it would convert a freed weight, which reads a null pointer (a
+    segfault on CPU, an illegal address on CUDA). Conversions that change nothing still pass."""
+    if module is not None and "_apply" not in vars(module):
+        module._apply = functools.partial(_guarded_apply, weakref.ref(module))
+
+
+def _guarded_apply(module_ref: weakref.ref, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> nn.Module:
+    module = module_ref()
+    for name, param in module.named_parameters():
+        if param.numel() and param.untyped_storage().nbytes() == 0:
+            probe = fn(torch.empty(0, dtype=param.dtype, device=param.device))
+            if probe.dtype != param.dtype or probe.device != param.device:
+                raise RuntimeError(
+                    f"svdquant freed the 16-bit weight {name!r} of this compiled {type(module).__name__} after quantizing it, so it "
+                    f"cannot be converted to {probe.dtype} on {probe.device}: move or cast the model before compiling it, "
+                    "or compile with options={'free_weights': False}"
+                )
+    return type(module)._apply(module, fn, *args, **kwargs)
 
 
 def _refuse_copy(name: str, memo: dict) -> None:

@@ -313,6 +313,10 @@ def test_regional_compile_serves_every_block_with_its_own_weights():
     assert rel_err(out, ref) < 1e-4
     for block in (model.transformer_blocks[1], model.single_transformer_blocks[1]):
         assert block.attn.to_q.weight.untyped_storage().nbytes() == 0
+    # every block that freed weights refuses a conversion that would read them (a segfault otherwise)
+    for target in (model, model.single_transformer_blocks[1]):
+        with pytest.raises(RuntimeError, match="free_weights"):
+            target.to(torch.bfloat16)
 
 
 class Tiny(nn.Module):

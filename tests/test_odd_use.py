@@ -135,3 +135,26 @@ def test_mode_rides_in_options_and_twice_is_an_error():
         torch.testing.assert_close(compiled(x), _reference(model, options, x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mode given twice"):
         svdquant_backend(torch.fx.symbolic_trace(model), [x], mode="default", options={"mode": "reduce-overhead"})
+
+
+def test_moving_or_casting_a_model_whose_weights_were_freed_says_what_to_do():
+    """A conversion would read the freed weights (a segfault on CPU): it raises instead, for the
+    compiled wrapper and the model; a conversion that changes nothing still works."""
+    import pytest
+
+    torch._dynamo.reset()
+    model = _mlp(7)
+    compiled = torch.compile(model, backend="svdquant", options={"rank": 8, "cache_dir": ""})
+    with torch.no_grad():
+        out = compiled(_x())
+    for target in (model, compiled):
+        with pytest.raises(RuntimeError, match="free_weights"):
+            target.to(torch.float64)
+    assert model.to(torch.float32) is model and model[0].bias.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(_x()), out, rtol=0, atol=0)
+    kept = _mlp(8)
+    compiled_kept = torch.compile(kept, backend="svdquant", options={"rank": 8, "cache_dir": "", "free_weights": False})
+    with torch.no_grad():
+        compiled_kept(_x())
+    assert kept.to(torch.float64)[0].weight.dtype == torch.float64
