@@ -5,7 +5,7 @@ from formula import w4a4_by_hand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from svdq_compile import QuantizedLinear, SVDQuantConfig, w4a4_linear
+from svdq_compile import QuantizedLinear, SVDQuantConfig, numerics, w4a4_linear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -54,6 +54,9 @@ def test_op_matches_formula_on_random_problems(problem):
     zero_rows = (x == 0).all(-1)
     if zero_rows.any():  # an all-zero token gets exactly the bias (its low-rank branch is zero too)
         torch.testing.assert_close(out[zero_rows], args[5].expand(int(zero_rows.sum()), -1), rtol=0, atol=0)
+    # the weight packed at 4 bits (packed_weights=True) is the same operand: the same output, exactly
+    packed = numerics.pack_weight_operand(args[0], args[6], args[1].dim() == 1)
+    assert torch.equal(w4a4_linear(x, packed, *args[1:]), out)
 
 
 @settings(max_examples=15, deadline=None)
