@@ -86,8 +86,9 @@ class SVDQPass:
 
     @classmethod
     def uuid(cls) -> str:
-        """Hash of this pass's source and the base's (changes whenever the rewrite changes)."""
-        source = inspect.getsource(cls) + inspect.getsource(SVDQPass) + inspect.getsource(emit_w4a4)
+        """Hash of the source of this pass's file (its helpers included) and of this one (changes
+        whenever the rewrite changes)."""
+        source = inspect.getsource(inspect.getmodule(cls)) + inspect.getsource(inspect.getmodule(SVDQPass))
         return hashlib.sha256(source.encode()).hexdigest()
 
 
