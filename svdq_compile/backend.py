@@ -577,7 +577,8 @@ class _RuntimeCall:
             for layer, (_, members) in zip(self.layers, operands):
                 for index, member in zip(layer.input_indices, members):
                     if not member.freed:
-                        member.freed = freed_now = _free(args[index], member.name)
+                        member.freed = _free(args[index], member.name)
+                        freed_now = freed_now or member.freed
             if freed_now:
                 _refuse_moves_of_freed_weights(_calling_module())
         return out
