@@ -44,8 +44,9 @@ def check_w4a4_args(
         raise ValueError(f"w4a4_linear: x has {x.shape[-1]} features but the weight expects {k}; pass x of shape [..., {k}]")
     if group_size <= 0 or k % group_size:
         raise ValueError(f"w4a4_linear: K = {k} must be a multiple of group_size = {group_size}; keep this layer in 16-bit")
-    if weight_q.dtype == torch.uint8 and weight_q.shape[1] != packed_weight_columns(k, group_size, weight_scales.dim() == 1):
-        raise ValueError(f"w4a4_linear: a packed weight_q for K = {k} must be uint8 [{n}, {packed_weight_columns(k, group_size, weight_scales.dim() == 1)}] "
+    packed_columns = packed_weight_columns(k, group_size, weight_scales.dim() == 1)
+    if weight_q.dtype == torch.uint8 and weight_q.shape[1] != packed_columns:
+        raise ValueError(f"w4a4_linear: a packed weight_q for K = {k} must be uint8 [{n}, {packed_columns}] "
                          f"(numerics.pack_weight_operand), got {tuple(weight_q.shape)}")
     if weight_scales.shape not in ((n,), (n, k // group_size)):
         raise ValueError(f"w4a4_linear: weight_scales must be [{n}] (two-level) or [{n}, {k // group_size}] (group scales), got {tuple(weight_scales.shape)}")
