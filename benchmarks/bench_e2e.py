@@ -243,9 +243,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         add_lora(model, 32)
     if name in ("fp8 rowwise", "int4 weight-only"):
         swap_block_linears(model, quantizers[name])
-    if name == "bf16 inductor" or name in ("fp8 rowwise", "int4 weight-only"):
-        model.compile_repeated_blocks(fullgraph=True)
-    elif name == "bf16 inductor + CUDA graph":
+    if name in ("bf16 inductor", "bf16 inductor + CUDA graph", "fp8 rowwise", "int4 weight-only"):
         model.compile_repeated_blocks(fullgraph=True)
     elif name == "svdquant packed":
         model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options | {"packed_weights": True})
