@@ -24,6 +24,7 @@ The float-group format needs no row max: launch 1 then runs only for the low-ran
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -218,8 +219,6 @@ def default_quantize_config(m: int, k: int, rank: int, group_size: int) -> Quant
     return QuantizeConfig(8, max(group_size, 512), 4, 3)
 
 
-
-
 def _k_slices(k: int, block_k: int, programs_per_slice: int, wanted_programs: int) -> tuple[int, int]:
     """``(slices, width)``: K cut into slices of ``width`` (a multiple of block_k) so that
     ``programs_per_slice * slices`` reaches ``wanted_programs`` where K allows."""
@@ -227,6 +226,47 @@ def _k_slices(k: int, block_k: int, programs_per_slice: int, wanted_programs: in
     slices = max(1, min(triton.cdiv(wanted_programs, programs_per_slice), k_blocks))
     width = triton.cdiv(k_blocks, slices) * block_k
     return triton.cdiv(k, width), width
+
+
+_STAT_BLOCK_K = 128  # K tile of launch 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _LaunchPlan:
+    """Grids and K slicing of both launches for one shape (computed once per shape: the host time
+    of a call is what an uncaptured forward waits on)."""
+
+    block_r: int  # rank chunk (both launches)
+    r_chunks: int
+    stat_block_m: int  # launch 1
+    stat_splits: int
+    stat_width: int
+    stat_programs: int
+    quantize_splits: int  # launch 2
+    quantize_width: int
+    quantize_programs: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(m: int, k: int, rank: int, two_level: bool, cfg: QuantizeConfig, sms: int) -> _LaunchPlan:
+    # Rank chunks of <= 64: a 128-wide chunk (64-wide K tiles) gave wrong sums on an H100 with
+    # Triton 3.6 (relative error 0.05-0.14 at ranks 128 and 256; the interpreter was right).
+    block_r = min(max(16, triton.next_power_of_2(rank)), 64)
+    r_chunks = triton.cdiv(rank, block_r) if rank else 1
+    stat_block_m = 64 if m > 32 else 16
+    stat_rows = triton.cdiv(m, stat_block_m)
+    stat_splits, stat_width = 1, k
+    if two_level or rank:
+        stat_splits, stat_width = _k_slices(k, _STAT_BLOCK_K, stat_rows * r_chunks, 2 * sms)
+    # K slices in launch 2 only when there are too few row blocks to fill the SMs.
+    rows = triton.cdiv(m, cfg.block_m)
+    if cfg.k_split:
+        splits, width = _k_slices(k, cfg.block_k, 1, cfg.k_split)
+    elif rows < 2 * sms:
+        splits, width = _k_slices(k, cfg.block_k, rows, 2 * sms)
+    else:
+        splits, width = 1, triton.cdiv(k, cfg.block_k) * cfg.block_k
+    return _LaunchPlan(block_r, r_chunks, stat_block_m, stat_splits, stat_width, stat_rows * stat_splits * r_chunks, splits, width, rows * splits)
 
 
 def quantize_act_lowrank_down(
@@ -270,45 +310,29 @@ def quantize_act_lowrank_down(
     cfg = config or default_quantize_config(m, k, rank, group_size)
     if cfg.block_k % group_size:
         raise ValueError(f"quantize_act_lowrank_down: block_k = {cfg.block_k} must be a multiple of group_size = {group_size}")
+    plan = _launch_plan(m, k, rank, two_level, cfg, sm_count(device))
     smooth = smooth_inv.float().contiguous()
-    sms = sm_count(device)
 
     # Launch 1: row maxima and low-rank partial sums, K sliced for about two programs per SM.
-    stat_splits, row_max, partials = 1, act_scales, lora_act  # placeholders when launch 1 is skipped
+    row_max, partials = act_scales, lora_act  # placeholders when launch 1 is skipped
     if two_level or rank:
-        # Rank chunks of <= 64: a 128-wide chunk (64-wide K tiles) gave wrong sums on an H100 with
-        # Triton 3.6 (relative error 0.05-0.14 at ranks 128 and 256; the interpreter was right).
-        block_r = min(max(16, triton.next_power_of_2(rank)), 64)
-        r_chunks = triton.cdiv(rank, block_r) if rank else 1
-        block_m = 64 if m > 32 else 16
-        block_k = 128
-        row_blocks = triton.cdiv(m, block_m)
-        stat_splits, width = _k_slices(k, block_k, row_blocks * r_chunks, 2 * sms)
-        row_max = torch.empty((stat_splits, m), dtype=torch.float32, device=device) if two_level else act_scales
-        partials = torch.empty((stat_splits, m, rank), dtype=torch.float32, device=device)
+        row_max = torch.empty((plan.stat_splits, m), dtype=torch.float32, device=device) if two_level else act_scales
+        partials = torch.empty((plan.stat_splits, m, rank), dtype=torch.float32, device=device)
         # 16-bit products are exact in fp32, so an fp32 dot computes the same sums; it is used for
         # mixed dtypes and under the CPU interpreter, whose bf16 dot is wrong (Triton 3.9 reads raw bits).
         dot_dtype = x2d.dtype if lora_down.dtype == x2d.dtype and x2d.is_cuda else torch.float32
-        _row_max_lowrank_kernel[(row_blocks * stat_splits * r_chunks,)](
-            x2d, smooth, lora_down.contiguous(), row_max, partials, m, k, rank, width,
-            ROW_MAX=two_level, HAS_LORA=rank > 0, R_CHUNKS=r_chunks, K_SPLIT=stat_splits,
+        _row_max_lowrank_kernel[(plan.stat_programs,)](
+            x2d, smooth, lora_down.contiguous(), row_max, partials, m, k, rank, plan.stat_width,
+            ROW_MAX=two_level, HAS_LORA=rank > 0, R_CHUNKS=plan.r_chunks, K_SPLIT=plan.stat_splits,
             DOT_DTYPE=_TORCH_TO_TL[dot_dtype], DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, num_stages=3,
+            BLOCK_M=plan.stat_block_m, BLOCK_K=_STAT_BLOCK_K, BLOCK_R=plan.block_r, num_warps=4, num_stages=3,
         )
 
-    # Launch 2: quantize in one sweep; K slices only when there are too few row blocks to fill the SMs.
-    row_blocks = triton.cdiv(m, cfg.block_m)
-    if cfg.k_split:
-        splits, width = _k_slices(k, cfg.block_k, 1, cfg.k_split)
-    elif row_blocks < 2 * sms:
-        splits, width = _k_slices(k, cfg.block_k, row_blocks, 2 * sms)
-    else:
-        splits, width = 1, triton.cdiv(k, cfg.block_k) * cfg.block_k
-    _quantize_kernel[(row_blocks * splits,)](
-        x2d, smooth, row_max, partials, act_q, act_scales, lora_act, m, k, rank, width,
-        GROUP=group_size, TWO_LEVEL=two_level, HAS_LORA=rank > 0, STAT_SPLITS=stat_splits,
-        BLOCK_R=min(max(16, triton.next_power_of_2(rank)), 64),
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, K_SPLIT=splits,
+    # Launch 2: quantize in one sweep, adding up launch 1's partials.
+    _quantize_kernel[(plan.quantize_programs,)](
+        x2d, smooth, row_max, partials, act_q, act_scales, lora_act, m, k, rank, plan.quantize_width,
+        GROUP=group_size, TWO_LEVEL=two_level, HAS_LORA=rank > 0, STAT_SPLITS=plan.stat_splits,
+        BLOCK_R=plan.block_r, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, K_SPLIT=plan.quantize_splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return act_q, act_scales, lora_act
