@@ -8,6 +8,9 @@ unless a faster implementation is registered for it below.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -128,7 +131,18 @@ def w4a4_linear(
     return torch.ops.svdq.w4a4_linear(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
 
 
-_fallback_warned: set[int] = set()
+@functools.cache
+def _reference_reason(device_index: int, group_size: int) -> str | None:
+    """Why this GPU and group size run the PyTorch reference instead of the kernels (None: they do
+    not); warns the first time. Cached: the capability query costs microseconds on every call."""
+    reason = None
+    if torch.cuda.get_device_capability(device_index)[0] < 8:
+        reason = "this GPU has no int8 tensor cores (compute capability < 8.0)"
+    elif group_size not in (16, 32, 64, 128, 256):
+        reason = f"group_size {group_size} is not a power of two in 16..256"
+    if reason is not None:
+        warnings.warn(f"svdq::w4a4_linear runs the slow PyTorch reference: {reason}", stacklevel=3)
+    return reason
 
 
 @_w4a4_linear_op.register_kernel("cuda")
@@ -141,15 +155,7 @@ def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up
     """
     check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
     x = x.contiguous()
-    major, _ = torch.cuda.get_device_capability(x.device)
-    if major < 8 or group_size not in (16, 32, 64, 128, 256):
-        key = x.device.index if major < 8 else -group_size
-        if key not in _fallback_warned:
-            import warnings
-
-            _fallback_warned.add(key)
-            reason = "this GPU has no int8 tensor cores (compute capability < 8.0)" if major < 8 else f"group_size {group_size} is not a power of two in 16..256"
-            warnings.warn(f"svdq::w4a4_linear runs the slow PyTorch reference: {reason}", stacklevel=2)
+    if _reference_reason(x.device.index, group_size) is not None:
         return w4a4_linear_reference(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
     # Imported here so that importing the package does not compile or decorate Triton kernels.
     from .kernels.quantize_act_lowrank_down import quantize_act_lowrank_down
