@@ -92,7 +92,8 @@ class QuantizedWeight:
     groups: list[QuantizedGroup] = field(default_factory=list, repr=False)
 
     def operands(self) -> tuple[Tensor, ...]:
-        return tuple(getattr(self, f) for f in _OPERAND_FIELDS)
+        """In ``_OPERAND_FIELDS`` order (spelled out: this runs for every layer on every call)."""
+        return self.weight_q, self.weight_scales, self.smooth_inv, self.lora_down, self.lora_up
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.operands())
@@ -119,9 +120,54 @@ class QuantizedGroup:
         return all(a is b for member, operands in zip(self.members, self.built_from) for a, b in zip(member.operands(), operands))
 
 
+class _WeakIdRegistry:
+    """A dict keyed by tensor identity that drops an item when its tensor dies.
+
+    ``torch.utils.weak.WeakIdKeyDictionary`` does this too, but builds a weak reference object per
+    lookup (about 3 us); compiled graphs look up every quantized weight on every call.
+
+    Example:
+        >>> registry, w = _WeakIdRegistry(), torch.zeros(1)
+        >>> registry.setdefault(w, {})["k"] = 1
+        >>> registry.get(w), len(registry)
+        ({'k': 1}, 1)
+        >>> del w; len(registry)
+        0
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def get(self, key: Tensor, default: Any = None) -> Any:
+        item = self._items.get(id(key))
+        return item[1] if item is not None and item[0]() is key else default
+
+    def setdefault(self, key: Tensor, default: Any) -> Any:
+        item = self._items.get(id(key))
+        if item is not None and item[0]() is key:
+            return item[1]
+        items = self._items
+        # The callback runs when the tensor dies, before its id can be reused.
+        self._items[id(key)] = (weakref.ref(key, lambda _, k=id(key): items.pop(k, None)), default)
+        return default
+
+    def pop(self, key: Tensor, default: Any = None) -> Any:
+        value = self.get(key, self)
+        if value is self:
+            return default
+        del self._items[id(key)]
+        return value
+
+    def values(self) -> list[Any]:
+        return [value for _, value in self._items.values()]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 # weight Parameter -> {config_key(config): QuantizedWeight}; identity-keyed and weak, so a model that is
 # deleted takes its quantized weights with it.
-_QUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_QUANTIZED = _WeakIdRegistry()
 # Parameters that some compiled graph reads in 16-bit: never freed.
 _READ_IN_16BIT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _warned_no_calibration = False
@@ -189,7 +235,12 @@ def quantize_weight(weight: Tensor, name: str, config: SVDQuantConfig) -> Quanti
         >>> q is quantize_weight(w, "fc", SVDQuantConfig(rank=4, cache_dir="")), q.weight_q.dtype
         (True, torch.int8)
     """
-    config_id = config_key(config)
+    return _weight_entry(weight, name, config, config_key(config))
+
+
+def _weight_entry(weight: Tensor, name: str, config: SVDQuantConfig, config_id: str) -> QuantizedWeight:
+    """``quantize_weight`` with the config's key given: a compiled graph's calls look their
+    operands up on every call, and the key's JSON would cost more than the lookup."""
     per_config = _QUANTIZED.get(weight)
     if per_config is not None and config_id in per_config:
         return per_config[config_id]
@@ -216,7 +267,11 @@ def quantize_group(weights: Sequence[Tensor], names: Sequence[str], config: SVDQ
         >>> tuple(group.joint.weight_q.shape), quantize_weight(ws[1], "k", SVDQuantConfig(rank=4)) is group.members[1]
         ((96, 64), True)
     """
-    config_id = config_key(config)
+    return _group_entry(weights, names, config, config_key(config))
+
+
+def _group_entry(weights: Sequence[Tensor], names: Sequence[str], config: SVDQuantConfig, config_id: str) -> QuantizedGroup | None:
+    """``quantize_group`` with the config's key given (see ``_weight_entry``)."""
     entries = [_QUANTIZED.get(w, {}).get(config_id) for w in weights]
     if all(e is None for e in entries):
         return _quantize_jointly(weights, names, config)
@@ -586,9 +641,9 @@ class _RuntimeCall:
     def _operands(self, args: tuple, layer: _Layer) -> tuple[QuantizedWeight, tuple[QuantizedWeight, ...]]:
         """The op operands of ``layer`` for the weights in ``args``, and the entries of its weights."""
         if len(layer.input_indices) == 1:
-            entry = quantize_weight(args[layer.input_indices[0]], layer.names[0], self.config)
+            entry = _weight_entry(args[layer.input_indices[0]], layer.names[0], self.config, self.config_id)
             return entry, (entry,)
-        group = quantize_group([args[i] for i in layer.input_indices], layer.names, self.config)
+        group = _group_entry([args[i] for i in layer.input_indices], layer.names, self.config, self.config_id)
         if group is None:
             raise RuntimeError(
                 f"svdquant: {', '.join(layer.names)} read the same input and run as one op in this compiled graph, but these weights were "
