@@ -42,7 +42,7 @@ from svdq_compile import numerics  # noqa: E402
 from svdq_compile.kernels import w4a4_gemm as gemm_module  # noqa: E402
 from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down  # noqa: E402
 from svdq_compile.kernels.unpack_weight import unpack_weight  # noqa: E402
-from svdq_compile.kernels.w4a4_gemm import w4a4_gemm  # noqa: E402
+from svdq_compile.kernels.w4a4_gemm import w4a4_gemm, w4a4_gemm_reference  # noqa: E402
 
 M_VALUES = [1, 77, 256, 4096, 4608]
 NK_VALUES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360)]
@@ -232,14 +232,17 @@ def sweep_configs(gen: torch.Generator) -> None:
         x = (torch.randn(m, k, generator=gen, device="cuda") * 3).bfloat16()
         a_q, a_s, la = quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, True)
         results = []
+        expected = w4a4_gemm_reference(a_q, a_s, layer["wq2"], layer["ws2"], la, layer["lora_up"], layer["bias"], torch.bfloat16).float()
         for cfg in gemm_module._candidate_configs(m, True, GROUP) + SWEEP_EXTRA:
             call = lambda cfg=cfg: w4a4_gemm(a_q, a_s, layer["wq2"], layer["ws2"], la, layer["lora_up"], layer["bias"], torch.bfloat16, config=cfg)
             try:
+                error = ((call().float() - expected).norm() / expected.norm()).item()
                 ms = do_bench(call, warmup=10, rep=50, return_mode="median")
             except Exception as exc:
                 results.append(f"{cfg}: {type(exc).__name__}: {str(exc)[:300]}")
                 continue
-            results.append(f"{2 * m * n * k / (ms * 1e-3) / 1e12:7.0f} TOPS {ms * 1e3:8.1f} us  {cfg}")
+            verdict = "" if error < 1e-2 else f"  WRONG (relative error {error:.3g})"
+            results.append(f"{2 * m * n * k / (ms * 1e-3) / 1e12:7.0f} TOPS {ms * 1e3:8.1f} us  {cfg}{verdict}")
         print(f"sweep {m}x{n}x{k}:\n  " + "\n  ".join(results), flush=True)
         del layer
 
