@@ -16,7 +16,9 @@ Backend (``torch.compile(model, backend="svdquant", options={...})``, found by n
    resolution, batch, ``dynamic=True``) reuse them. A weight seen for the first time is quantized
    once: at compile time for the weights of the traced call, at its first call for other blocks
    sharing the graph; the disk cache (``svdq_compile.cache``) serves repeated processes.
-3. The rewritten graph goes to Inductor's ``compile_fx`` with ``mode``'s Inductor options.
+3. The rewritten graph goes to Inductor's ``compile_fx`` with ``mode``'s Inductor options. On CUDA
+   its calls replay as CUDA graphs, one per block and input shapes (``svdq_compile.cuda_graphs``,
+   ``options={"cuda_graphs": False}`` turns it off), so launching the kernels costs no host time.
 4. After the first call that used a quantized weight, its 16-bit storage is released with
    ``untyped_storage().resize_(0)``: shape and strides stay, so Dynamo's guards still pass and
    recompiles still trace, but the memory is gone. A weight that any compiled graph still reads in
@@ -60,6 +62,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cache, calibration, numerics
 from .config import SVDQuantConfig
+from .cuda_graphs import GraphReplay
 from .passes.base import QuantizedNodes, linear_parts, shared_input_groups
 from .passes.pass_manager import SVDQPassManager
 from .quantized_linear import CalibrationStats, QuantizedLinear
@@ -607,8 +610,9 @@ class _BackendProvider(_Provider):
 class _RuntimeCall:
     """Calls the compiled graph with the quantized operands of the weights passed in this call."""
 
-    def __init__(self, compiled: Callable, layers: list[_Layer], shared_sets: list[_Layer], config: SVDQuantConfig) -> None:
+    def __init__(self, compiled: Callable, layers: list[_Layer], shared_sets: list[_Layer], config: SVDQuantConfig, replay: GraphReplay | None = None) -> None:
         self.compiled = compiled
+        self.replay = replay
         self.layers = layers
         self.shared_sets = shared_sets
         self.config = config
@@ -626,7 +630,7 @@ class _RuntimeCall:
             self.announced = True  # regional compilation: the other blocks' weights arrive at their first call
             log.info("svdquant: quantized the weights of a module that shares a compiled graph, at its first call; the others follow")
         extra = [t for entry, _ in operands for t in entry.operands()]
-        out = self.compiled(*args, *extra)
+        out = self.replay([*args, *extra], len(extra)) if self.replay is not None else self.compiled(*args, *extra)
         if self.config.free_weights:
             freed_now = False
             for layer, (_, members) in zip(self.layers, operands):
@@ -788,7 +792,9 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
     recent_summaries.append(summary)
     if not provider.layers:
         return compiled
-    return _RuntimeCall(compiled, provider.layers, provider.shared_input_sets(), config)
+    # Inductor's own CUDA graphs (mode="reduce-overhead") replace ours.
+    replay = GraphReplay(compiled) if config.cuda_graphs and not patches.get("triton.cudagraphs") else None
+    return _RuntimeCall(compiled, provider.layers, provider.shared_input_sets(), config, replay)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,13 @@ class SVDQuantConfig:
             and expand each to the GEMM's int8 operand just before its GEMM, instead of keeping the
             int8 operand (0.5x): less memory, about 8% slower GEMMs at large M on an H100
             (benchmarks/RESULTS.md). Applies when a weight is first quantized in the process.
+        cuda_graphs: replay each compiled graph's calls on CUDA as CUDA graphs, one per block of
+            weights and input shapes, captured at the second call with those shapes
+            (``svdq_compile.cuda_graphs``). Takes the host time of launching the kernels out of
+            the forward, also under regional compilation; costs a copy of each call's activations
+            in and out, and memory for one set of those per shape. Off under
+            ``mode="reduce-overhead"`` (Inductor's own CUDA graphs), with autograd, and for calls
+            with CPU tensors. Turn it off for graphs that modify their inputs in place.
 
     Example:
         >>> SVDQuantConfig(rank=16).rank
@@ -86,6 +93,7 @@ class SVDQuantConfig:
     quantize_linear: bool = True
     free_weights: bool = True
     packed_weights: bool = False
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -107,7 +115,7 @@ class SVDQuantConfig:
         self.skip = tuple(self.skip)
         if not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be an integer >= 1, got {self.calib_tokens!r}")
-        for name in ("fuse_lora", "fuse_shared_input", "quantize_linear", "free_weights", "packed_weights"):
+        for name in ("fuse_lora", "fuse_shared_input", "quantize_linear", "free_weights", "packed_weights", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

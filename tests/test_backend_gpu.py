@@ -77,3 +77,37 @@ def test_lora_of_different_ranks_per_block_in_one_block_graph():
     # closer to the 16-bit LoRA model than to the 16-bit model without it.
     assert rel_err(want_lora, want_base) > 0.3  # 0.44 on CPU
     assert rel_err(got, want_lora) < 0.5 * rel_err(got, want_base)
+
+
+def test_block_cuda_graphs_under_regional_compilation(monkeypatch):
+    """Regional compilation with the backend's CUDA graphs (the default): once the calls are
+    captured, each call's output equals the uncaptured model's for that call's input, at two
+    resolutions, and an output the caller kept is not overwritten by later calls."""
+    from svdq_compile import cuda_graphs
+
+    captured = []
+    capture = cuda_graphs.GraphReplay._capture
+    monkeypatch.setattr(cuda_graphs.GraphReplay, "_capture", lambda self, *a: captured.append(1) or capture(self, *a))
+    plain, graphed = cuda_flux(), cuda_flux()
+    graphed.load_state_dict(plain.state_dict())
+    plain.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS | {"cuda_graphs": False})
+    graphed.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS)
+    calls = [cuda_inputs(seed=s) for s in (0, 1, 2, 3, 4)] + [cuda_inputs(h=6, w=10, seed=s) for s in (5, 6, 7, 8)]
+    kept, captures_after = [], []
+    with torch.no_grad():
+        for i, inputs in enumerate(calls):
+            want = plain(**inputs)[0].float()
+            got = graphed(**inputs)[0]
+            assert rel_err(got.float(), want) < 1e-3, f"call {i}: relative error {rel_err(got.float(), want):.3g}, {len(captured)} captures so far"
+            kept.append((got, got.clone()))
+            captures_after.append(len(captured))
+        steady = len(captured)
+        graphed(**calls[-1]), graphed(**calls[-2])
+        replayed = len(captured) == steady
+        assert rel_err(graphed(**calls[1])[0].float(), plain(**calls[2])[0].float()) > 0.1  # inputs differ enough to tell
+    # The first calls run uncaptured (the first before the weights are freed): each of the 2 double
+    # and 2 single blocks is captured at the third call, and replayed from then on. The second
+    # resolution is captured too (how many graphs depends on how Dynamo recompiles for it).
+    assert captures_after[:5] == [0, 0, 4, 4, 4], captures_after
+    assert captures_after[-1] >= 8 and replayed, (captures_after, len(captured))
+    assert all(torch.equal(a, b) for a, b in kept)
