@@ -158,3 +158,23 @@ def test_moving_or_casting_a_model_whose_weights_were_freed_says_what_to_do():
     with torch.no_grad():
         compiled_kept(_x())
     assert kept.to(torch.float64)[0].weight.dtype == torch.float64
+
+
+def test_cuda_graph_replay_leaves_cpu_calls_alone_and_can_be_turned_off():
+    """The backend's CUDA graphs never capture a CPU call (each runs the compiled graph), and
+    ``cuda_graphs=False`` compiles without them, with the same output."""
+    from svdq_compile.cuda_graphs import GraphReplay
+
+    calls = []
+    replay = GraphReplay(lambda x, w: calls.append(1) or (x @ w,))
+    x, w = torch.randn(2, 3), nn.Parameter(torch.randn(3, 4))
+    outs = [replay([x, w]) for _ in range(3)]
+    assert len(calls) == 3 and not replay.captures and not replay.seen
+    torch.testing.assert_close(outs[-1][0], x @ w)
+
+    torch._dynamo.reset()
+    model, x = _mlp(8), _x()
+    options = {"rank": 8, "cache_dir": "", "free_weights": False, "cuda_graphs": False}
+    compiled = torch.compile(model, backend="svdquant", options=options)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), _reference(model, options, x), rtol=1e-5, atol=1e-5)
