@@ -375,12 +375,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also report each kind of kernel's share of GPU time")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--cache-dir", default=None, help="svdquant disk cache (default: a fresh folder under --out)")
-    parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table and plot of earlier runs' e2e_results.json files together")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table and plot of earlier runs' e2e_results.json files together (a configuration in several: the last file's)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration in this process, print JSON
     args = parser.parse_args()
     if args.merge:
         runs = [json.load(open(path)) for path in args.merge]
-        rows = [{k if not k.isdigit() else int(k): v for k, v in row.items()} for run in runs for row in run["rows"]]
+        # A configuration measured in several runs: the row of the last run given.
+        latest = {row["config"]: row for run in runs for row in run["rows"]}
+        rows = [{k if not k.isdigit() else int(k): v for k, v in row.items()} for row in latest.values()]
         rows.sort(key=lambda r: CONFIGS.index(r["config"]) if r["config"] in CONFIGS else len(CONFIGS))
         report(rows, [run["meta"] for run in runs], args.tokens, args.out)
         return
