@@ -76,6 +76,8 @@ class GraphReplay:
         capture = self.captures.get(key)
         if capture is None:
             if key not in self.seen or len(self.captures) >= MAX_GRAPHS:
+                if len(self.seen) >= 4 * MAX_GRAPHS:  # keys that never come back (a float argument that changes every call)
+                    self.seen.clear()
                 self.seen.add(key)
                 return self.fn(*args)
             capture = self._capture(key, args, static_extra)
@@ -101,7 +103,8 @@ class GraphReplay:
                     return None
                 device = arg.device
                 if i >= first_static or isinstance(arg, nn.Parameter):
-                    parts.append(arg.data_ptr())
+                    # Shape too: a replaced operand (a LoRA of another rank) may reuse an address.
+                    parts.append((arg.data_ptr(), tuple(arg.shape)))
                 else:
                     parts.append((tuple(arg.shape), arg.stride(), arg.dtype))
             elif isinstance(arg, (int, float, bool, str, type(None), torch.SymInt)):
