@@ -85,6 +85,7 @@ def test_block_cuda_graphs_under_regional_compilation(monkeypatch):
     resolutions, and an output the caller kept is not overwritten by later calls."""
     from svdq_compile import cuda_graphs
 
+    torch._dynamo.reset()  # the other tests compiled the same block classes: start under the recompile limit
     captured = []
     capture = cuda_graphs.GraphReplay._capture
     monkeypatch.setattr(cuda_graphs.GraphReplay, "_capture", lambda self, *a: captured.append(1) or capture(self, *a))
