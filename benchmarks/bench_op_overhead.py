@@ -7,8 +7,9 @@ This measures the CPU side: each callable runs in loops at a small M (16 tokens,
 a call is shorter than its CPU work and the launch queue never fills), and the time from the first
 call to the last call's return, before synchronizing, is the host time (median of 20 loops of 100).
 A cProfile of the whole op says where that time goes. ``--forward`` also times a FLUX transformer
-of 2 double + 4 single blocks at 1024 image tokens: host ms per forward with bf16 Inductor and with
-``backend="svdquant"`` (also with its kernels stubbed out, and the backend's own wrapper), and a cProfile.
+of 2 double + 4 single blocks at 1024 image tokens: host ms per forward with bf16 Inductor, with
+``backend="svdquant"`` without CUDA graphs (also with its kernels stubbed out, the backend's own
+wrapper, and a cProfile) and with its default block CUDA graphs.
 Prints a Markdown table; writes overhead.json and the cProfile listings under --out.
 """
 
@@ -116,9 +117,10 @@ def op_rows(out: str) -> list[tuple[str, float]]:
 
 
 def forward_rows(out: str) -> list[tuple[str, float]]:
-    """Host ms per forward of a 2 + 4 block FLUX at 1024 image tokens: bf16 Inductor, svdquant,
-    svdquant with its kernels replaced by empty outputs (what the rest of the forward costs), and
-    the backend's per-call wrapper around the compiled block graph."""
+    """Host ms per forward of a 2 + 4 block FLUX at 1024 image tokens: bf16 Inductor; svdquant
+    without CUDA graphs, also with its kernels replaced by empty outputs (what the rest of the
+    forward costs) and the backend's per-call wrapper around the compiled block graph; svdquant
+    with its default block CUDA graphs."""
     from bench_e2e import build_flux, flux_inputs
 
     from svdq_compile import backend
@@ -148,16 +150,18 @@ def forward_rows(out: str) -> list[tuple[str, float]]:
             wrapper["total"] += time.perf_counter() - start
 
     backend._RuntimeCall.__init__, backend._RuntimeCall.__call__ = timed_init, timed_call
-    for name in ("bf16 Inductor", "svdquant"):
+    configs = {"bf16 Inductor": None, "svdquant without CUDA graphs": {"rank": 32, "cuda_graphs": False},
+               "svdquant (default: the backend's block CUDA graphs)": {"rank": 32}}
+    for name, options in configs.items():
         model = build_flux(2, 4)
-        if name == "svdquant":
-            model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options={"rank": 32})
-        else:
+        if options is None:
             model.compile_repeated_blocks(fullgraph=True)
+        else:
+            model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=options)
         with torch.inference_mode():
             forward = functools.partial(model, **inputs)
             rows.append((f"FLUX 2+4 blocks, 1024 tokens, {name}: host ms per forward", host_us(forward, loops=10, calls=5) / 1e3))
-            if name == "svdquant":
+            if options is not None and not options.get("cuda_graphs", True):
                 wrapper.update(total=0.0, inside=0.0)
                 calls = 20
                 for _ in range(calls):
