@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 log = logging.getLogger("svdq_compile")
 
-# Captures per compiled graph; past it, new keys run uncaptured (many resolutions would otherwise
-# keep capturing without bound).
+# Captures per compiled graph, and activation shapes (each with its own input and output buffers);
+# past either, new keys run uncaptured, so sweeping many resolutions does not grow memory unbounded.
 MAX_GRAPHS = 1024
+MAX_SHAPES = 16
 
 
 @dataclass
@@ -120,6 +121,8 @@ class GraphReplay:
         signature = tuple((tuple(t.shape), t.stride(), t.dtype) for t in copied)
         buffers = self.buffers.get(signature)
         if buffers is None:
+            if len(self.buffers) >= MAX_SHAPES:
+                return None
             buffers = self.buffers[signature] = _Buffers([torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in copied])
         for buffer, arg in zip(buffers.inputs, copied):
             buffer.copy_(arg)
@@ -173,4 +176,4 @@ class _Index(int):
     """Marks an output position that holds a tensor (the position in the output buffers)."""
 
 
-__all__ = ["GraphReplay", "MAX_GRAPHS"]
+__all__ = ["GraphReplay", "MAX_GRAPHS", "MAX_SHAPES"]
