@@ -13,12 +13,14 @@ call with a key captures the graph (the first ran it eagerly: kernels are tuned 
 freed by then); later calls copy their activations into the capture's input buffers, replay, and
 return copies of its outputs, so a model may keep any block's output (U-Net skip connections).
 All captures share one memory pool, and captures with the same activation shapes share input and
-output buffers: the pool holds one block's temporaries, not one per block.
+output buffers: the pool holds one block's temporaries, not one per block. A capture is dropped
+when its weights die (the model was deleted), and the buffers and pool with the last one.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -149,7 +151,19 @@ class GraphReplay:
             log.warning("svdquant: CUDA graph capture failed, running uncaptured (options cuda_graphs=False silences this): %s", self.disabled)
             return None
         capture = self.captures[key] = _Capture(graph, buffers, outputs, isinstance(out_type, type) and issubclass(out_type, tuple))
+        # Compiled graphs outlive models (Dynamo caches them by code object): when this capture's
+        # weights die, so does the capture, and with the last one the buffers and the pool.
+        owner = next((a for a in args if isinstance(a, nn.Parameter)), None)
+        if owner is not None:
+            weakref.finalize(owner, self._release, key)
         return capture
+
+    def _release(self, key: tuple) -> None:
+        self.captures.pop(key, None)
+        if not self.captures:
+            self.buffers.clear()
+            self.seen.clear()
+            self.pool = None
 
 
 def _is_copied(arg: Any, index: int, first_static: int) -> bool:

@@ -7,6 +7,7 @@ Run on the GPU machine (diffusers and peft installed): ``pytest tests/test_backe
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -86,9 +87,9 @@ def test_block_cuda_graphs_under_regional_compilation(monkeypatch):
     from svdq_compile import cuda_graphs
 
     torch._dynamo.reset()  # the other tests compiled the same block classes: start under the recompile limit
-    captured = []
+    captured, replays = [], set()
     capture = cuda_graphs.GraphReplay._capture
-    monkeypatch.setattr(cuda_graphs.GraphReplay, "_capture", lambda self, *a: captured.append(1) or capture(self, *a))
+    monkeypatch.setattr(cuda_graphs.GraphReplay, "_capture", lambda self, *a: captured.append(1) or replays.add(self) or capture(self, *a))
     plain, graphed = cuda_flux(), cuda_flux()
     graphed.load_state_dict(plain.state_dict())
     plain.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS | {"cuda_graphs": False})
@@ -112,3 +113,7 @@ def test_block_cuda_graphs_under_regional_compilation(monkeypatch):
     assert captures_after[:5] == [0, 0, 4, 4, 4], captures_after
     assert captures_after[-1] >= 8 and replayed, (captures_after, len(captured))
     assert all(torch.equal(a, b) for a, b in kept)
+    # Deleting the model releases its captures, buffers and memory pool (Dynamo keeps the graphs).
+    del graphed
+    gc.collect()
+    assert replays and all(not r.captures and not r.buffers and r.pool is None for r in replays)
