@@ -2,7 +2,7 @@
 
 import torch
 from formula import w4a4_by_hand
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from svdq_compile import QuantizedLinear, SVDQuantConfig, numerics, w4a4_linear
@@ -48,6 +48,8 @@ def test_op_matches_formula_on_random_problems(problem):
     out = w4a4_linear(x, *args)
     expected = w4a4_by_hand(x, *args)
     assert out.shape == expected.shape and out.dtype == x.dtype
+    # 1e4 outliers against 20x weight columns can exceed fp16's range: then there is no finite answer
+    assume(torch.isfinite(expected).all())
     assert torch.isfinite(out).all()
     tol = TOL[x.dtype]
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol * expected.abs().max().item() + 1e-6)
