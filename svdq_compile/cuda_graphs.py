@@ -45,6 +45,8 @@ class _Buffers:
 
 @dataclass
 class _Capture:
+    """One captured call: its graph, the buffers it reads and writes, how to rebuild its outputs."""
+
     graph: torch.cuda.CUDAGraph
     buffers: _Buffers
     outputs: list[Any]  # the call's outputs with each tensor replaced by its index in buffers.outputs
@@ -54,8 +56,9 @@ class _Capture:
 class GraphReplay:
     """Call ``fn`` through CUDA graphs where that is safe; see the module docstring.
 
-    ``static`` says which tensors keep their address from call to call (weights): captures read
-    them in place and are keyed by their address; every other tensor is copied into a buffer.
+    Parameters and the quantized operands (the last ``static_extra`` arguments of a call) keep
+    their address from call to call: captures read them in place and are keyed by their address.
+    Every other tensor is copied into a buffer before each replay.
 
     Example:
         >>> replay = GraphReplay(lambda x, w: [x @ w])
@@ -150,7 +153,7 @@ class GraphReplay:
             self.disabled = f"{type(exc).__name__}: {exc}"
             log.warning("svdquant: CUDA graph capture failed, running uncaptured (options cuda_graphs=False silences this): %s", self.disabled)
             return None
-        capture = self.captures[key] = _Capture(graph, buffers, outputs, isinstance(out_type, type) and issubclass(out_type, tuple))
+        capture = self.captures[key] = _Capture(graph, buffers, outputs, issubclass(out_type, tuple))
         # Compiled graphs outlive models (Dynamo caches them by code object): when this capture's
         # weights die, so does the capture, and with the last one the buffers and the pool.
         owner = next((a for a in args if isinstance(a, nn.Parameter)), None)
