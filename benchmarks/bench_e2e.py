@@ -15,7 +15,8 @@ time is cold, memory is the configuration's own, and the disk cache is the only 
   (``torch.cuda.graph``; static shapes), which takes the per-call CPU work (Python, kernel
   launches, guards) out of the forward. (``mode="reduce-overhead"`` with regional compilation
   fails in diffusers' FLUX blocks for bf16 Inductor too: cudagraph trees report that a block's
-  replay overwrote an output the model still reads.)
+  replay overwrote an output the model still reads.) The svdquant rows without "+ CUDA graph" use
+  the backend's defaults, which replay each block's calls as CUDA graphs (``cuda_graphs``).
 
 Compiled configurations use diffusers' regional compilation (``compile_repeated_blocks``), what
 users take for fast cold starts. Per configuration: median forward latency (CUDA events, warmed up),
