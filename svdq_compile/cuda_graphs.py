@@ -49,6 +49,7 @@ class _Capture:
 
     graph: torch.cuda.CUDAGraph
     buffers: _Buffers
+    copied: tuple[int, ...]  # positions of the arguments copied into buffers.inputs, in order
     outputs: list[Any]  # the call's outputs with each tensor replaced by its index in buffers.outputs
     as_tuple: bool
 
@@ -89,8 +90,8 @@ class GraphReplay:
             capture = self._capture(key, args, static_extra)
             if capture is None:
                 return self.fn(*args)
-        for buffer, arg in zip(capture.buffers.inputs, _copied(args, static_extra)):
-            buffer.copy_(arg)
+        for buffer, i in zip(capture.buffers.inputs, capture.copied):
+            buffer.copy_(args[i])
         capture.graph.replay()
         out = [capture.buffers.outputs[o].clone() if isinstance(o, _Index) else o for o in capture.outputs]
         return tuple(out) if capture.as_tuple else out
@@ -108,7 +109,7 @@ class GraphReplay:
                 if not arg.is_cuda or (device is not None and arg.device != device) or (grad and arg.requires_grad):
                     return None
                 device = arg.device
-                if i >= first_static or isinstance(arg, nn.Parameter):
+                if _read_in_place(arg, i, first_static):
                     # Shape too: a replaced operand (a LoRA of another rank) may reuse an address.
                     parts.append((arg.data_ptr(), tuple(arg.shape)))
                 else:
@@ -122,18 +123,19 @@ class GraphReplay:
         return tuple(parts)
 
     def _capture(self, key: tuple, args: Sequence[Any], static_extra: int) -> _Capture | None:
-        copied = list(_copied(args, static_extra))
+        first_static = len(args) - static_extra
+        positions = tuple(i for i, a in enumerate(args) if isinstance(a, Tensor) and not _read_in_place(a, i, first_static))
+        copied = [args[i] for i in positions]
         signature = tuple((tuple(t.shape), t.stride(), t.dtype) for t in copied)
         buffers = self.buffers.get(signature)
         if buffers is None:
             if len(self.buffers) >= MAX_SHAPES:
                 return None
             buffers = self.buffers[signature] = _Buffers([torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in copied])
-        for buffer, arg in zip(buffers.inputs, copied):
-            buffer.copy_(arg)
-        inputs = iter(buffers.inputs)
-        first_static = len(args) - static_extra
-        call_args = [next(inputs) if _is_copied(a, i, first_static) else a for i, a in enumerate(args)]
+        call_args = list(args)
+        for buffer, i in zip(buffers.inputs, positions):
+            buffer.copy_(args[i])
+            call_args[i] = buffer
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -153,7 +155,7 @@ class GraphReplay:
             self.disabled = f"{type(exc).__name__}: {exc}"
             log.warning("svdquant: CUDA graph capture failed, running uncaptured (options cuda_graphs=False silences this): %s", self.disabled)
             return None
-        capture = self.captures[key] = _Capture(graph, buffers, outputs, issubclass(out_type, tuple))
+        capture = self.captures[key] = _Capture(graph, buffers, positions, outputs, issubclass(out_type, tuple))
         # Compiled graphs outlive models (Dynamo caches them by code object): when this capture's
         # weights die, so does the capture, and with the last one the buffers and the pool.
         owner = next((a for a in args if isinstance(a, nn.Parameter)), None)
@@ -169,13 +171,9 @@ class GraphReplay:
             self.pool = None
 
 
-def _is_copied(arg: Any, index: int, first_static: int) -> bool:
-    return isinstance(arg, Tensor) and index < first_static and not isinstance(arg, nn.Parameter)
-
-
-def _copied(args: Sequence[Any], static_extra: int) -> Any:
-    first_static = len(args) - static_extra
-    return (a for i, a in enumerate(args) if _is_copied(a, i, first_static))
+def _read_in_place(arg: Tensor, index: int, first_static: int) -> bool:
+    """Parameters and the quantized operands keep their address: captures read them in place."""
+    return index >= first_static or isinstance(arg, nn.Parameter)
 
 
 def _tensors_of(out: Any) -> tuple[list[Tensor], list[Any]]:
