@@ -277,7 +277,7 @@ def _group_entry(weights: Sequence[Tensor], names: Sequence[str], config: SVDQua
     """``quantize_group`` with the config's key given (see ``_weight_entry``)."""
     entries = [_QUANTIZED.get(w, {}).get(config_id) for w in weights]
     if all(e is None for e in entries):
-        return _quantize_jointly(weights, names, config)
+        return _quantize_jointly(weights, names, config, config_id)
     if any(e is None for e in entries):
         return None
     for group in entries[0].groups:
@@ -286,7 +286,7 @@ def _group_entry(weights: Sequence[Tensor], names: Sequence[str], config: SVDQua
     return _concatenated(entries, names)
 
 
-def _quantize_jointly(weights: Sequence[Tensor], names: Sequence[str], config: SVDQuantConfig) -> QuantizedGroup | None:
+def _quantize_jointly(weights: Sequence[Tensor], names: Sequence[str], config: SVDQuantConfig, config_id: str) -> QuantizedGroup | None:
     if len({(w.dtype, w.device, w.shape[1:]) for w in weights}) > 1:
         return None
     for weight, name in zip(weights, names):
@@ -298,7 +298,6 @@ def _quantize_jointly(weights: Sequence[Tensor], names: Sequence[str], config: S
     sizes = [w.shape[0] for w in weights]
     members = [QuantizedWeight(*operands, config.group_size, name, joint.seconds * n / weight.shape[0], joint.from_cache)
                for operands, name, n in zip(_member_rows(joint, sizes), names, sizes)]
-    config_id = config_key(config)
     for w, member in zip(weights, members):
         _QUANTIZED.setdefault(w, {})[config_id] = member
     return _grouped(joint, members)
@@ -624,7 +623,7 @@ class _RuntimeCall:
         for shared in self.shared_sets:  # weights seen for the first time are quantized together, as at compile time
             weights = [args[i] for i in shared.input_indices]
             if any(self.config_id not in _QUANTIZED.get(w, {}) for w in weights):
-                quantize_group(weights, shared.names, self.config)
+                _group_entry(weights, shared.names, self.config, self.config_id)
         operands = [self._operands(args, layer) for layer in self.layers]
         if not self.announced and len(_QUANTIZED) > known:
             self.announced = True  # regional compilation: the other blocks' weights arrive at their first call
