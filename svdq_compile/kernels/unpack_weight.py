@@ -43,7 +43,7 @@ def _unpack_weight_kernel(
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], values.to(tl.int8), mask=mask)
 
 
-def unpack_weight(packed: Tensor, k: int, group_size: int, two_level: bool, out: Tensor | None = None) -> Tensor:
+def unpack_weight(packed: Tensor, k: int, group_size: int, two_level: bool) -> Tensor:
     """The int8 [N, K] GEMM operand of a ``pack_weight_operand`` weight, in one launch.
 
     Args:
@@ -51,7 +51,6 @@ def unpack_weight(packed: Tensor, k: int, group_size: int, two_level: bool, out:
         k: in_features K (a multiple of group_size).
         group_size: power of two in 16..256.
         two_level: the "int4_2level" format.
-        out: int8 [N, K] to write into (else a new tensor).
 
     Example:
         >>> from svdq_compile.numerics import pack_weight_operand
@@ -65,7 +64,7 @@ def unpack_weight(packed: Tensor, k: int, group_size: int, two_level: bool, out:
                          f"group_size = {group_size}, two_level = {two_level}; got {packed.dtype} {tuple(packed.shape)}")
     if group_size not in (16, 32, 64, 128, 256) or k % group_size:
         raise ValueError(f"unpack_weight: group_size must be a power of two in 16..256 dividing K = {k}, got {group_size}")
-    out = torch.empty((n, k), dtype=torch.int8, device=packed.device) if out is None else out
+    out = torch.empty((n, k), dtype=torch.int8, device=packed.device)
     if n == 0 or k == 0:
         return out
     block_k = max(256, group_size)
