@@ -274,6 +274,20 @@ def quantize_weight(residual: Tensor, group_size: int, two_level: bool, scale_dt
     return q, scale, None
 
 
+def apply_gelu_columns(out: Tensor, gelu_start: int, gelu_end: int) -> Tensor:
+    """GELU (tanh approximation) on the last-dim columns ``gelu_start:gelu_end`` of ``out`` (in place,
+    returns ``out``; an empty range leaves it unchanged). Applied in fp32 before the cast to the
+    output dtype, as the GEMM epilogue does.
+
+    Example:
+        >>> apply_gelu_columns(torch.tensor([[-1.0, -1.0, -1.0]]), 1, 2).tolist()
+        [[-1.0, -0.15880799293518066, -1.0]]
+    """
+    if gelu_start < gelu_end:
+        out[..., gelu_start:gelu_end] = torch.nn.functional.gelu(out[..., gelu_start:gelu_end], approximate="tanh")
+    return out
+
+
 def w4a4_linear_reference(
     x: Tensor,
     weight_q: Tensor,
@@ -283,10 +297,15 @@ def w4a4_linear_reference(
     lora_up: Tensor,
     bias: Tensor | None,
     group_size: int,
+    x_tail: Tensor | None = None,
+    gelu_start: int = 0,
+    gelu_end: int = 0,
 ) -> Tensor:
     """The W4A4 SVDQuant linear, exactly as the fused kernels compute it.
 
-    ``y = deq(Q(x * smooth_inv) . W_q) + (x @ lora_down^T) @ lora_up^T + bias``, returned in x's dtype.
+    ``y = deq(Q(x * smooth_inv) . W_q) + (x @ lora_down^T) @ lora_up^T + bias``, returned in x's dtype,
+    where x is ``cat([x, x_tail], -1)`` when ``x_tail`` is given, and with GELU (tanh approximation)
+    on the output columns ``gelu_start:gelu_end``.
 
     Args:
         x: [..., K] bf16, fp16 or fp32.
@@ -298,6 +317,9 @@ def w4a4_linear_reference(
         lora_up: [N, R] 16-bit.
         bias: [N] or None.
         group_size: activation (and float weight) group size along K.
+        x_tail: [..., K2], the input's last K2 features when it arrives in two pieces (x then has K - K2).
+        gelu_start, gelu_end: output columns passed through GELU (tanh approximation) in fp32,
+            after the bias (an empty range: none).
 
     The low-rank branch is ``lora_act = (x @ lora_down^T)`` accumulated in fp32 and stored in x's
     dtype (as the fused kernel hands it from one kernel to the next), then ``lora_act @ lora_up^T``
@@ -310,6 +332,8 @@ def w4a4_linear_reference(
         >>> ql(torch.randn(2, 5, 128)).shape
         torch.Size([2, 5, 32])
     """
+    if x_tail is not None:
+        x = torch.cat((x, x_tail), dim=-1)
     k = x.shape[-1]
     n = weight_q.shape[0]
     two_level = weight_scales.dim() == 1
@@ -333,4 +357,4 @@ def w4a4_linear_reference(
             out[rows] += (acc * a_scale[rows].unsqueeze(1) * w_scale.unsqueeze(0)).sum(-1)
     if bias is not None:
         out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return apply_gelu_columns(out, gelu_start, gelu_end).to(x.dtype).reshape(*x.shape[:-1], n)

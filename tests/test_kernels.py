@@ -136,6 +136,33 @@ def test_quantize_k_slices(config, two_level):
         assert ((lora_act.float() - ref_lora.float()).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+@pytest.mark.parametrize(
+    "head_k,config",
+    [(256, qk.QuantizeConfig(8, 128, 4, 2)), (256, qk.QuantizeConfig(4, 128, 4, 2, k_split=3)), (192, qk.QuantizeConfig(8, 128, 4, 2))],
+    ids=["in-place", "in-place-k-slices", "straddling-tile"],
+)
+def test_quantize_two_pieces_and_strided_rows(head_k, config, two_level):
+    """x given as two strided pieces (FLUX's proj_out input: attention output, then a column slice
+    of the MLP GEMM's output) quantizes exactly as their contiguous concatenation; a head whose
+    width is not a multiple of the K tiles (192) is concatenated first, with the same result."""
+    gen = torch.Generator().manual_seed(seed(head_k, config, two_level))
+    m, tail_k, rank = 23, 64 * 3, 16
+    head = outlier_input(m, head_k + 64, torch.bfloat16, gen)[:, 64:]  # row stride head_k + 64
+    wide = outlier_input(m, 64 + tail_k, torch.bfloat16, gen)
+    tail = wide[:, 64:]  # row stride 64 + tail_k, as a piece of a split GEMM output
+    k = head_k + tail_k
+    smooth_inv = 0.25 + torch.rand(k, generator=gen)
+    lora_down = (torch.randn(rank, k, generator=gen) / k**0.5).bfloat16()
+    whole = torch.cat((head, tail), dim=1)
+    ref_q, ref_scales, ref_lora = qk.quantize_act_lowrank_down_reference(whole, smooth_inv, lora_down, 64, two_level)
+    assert torch.equal(qk.quantize_act_lowrank_down_reference(head, smooth_inv, lora_down, 64, two_level, tail)[0], ref_q)
+    act_q, scales, lora_act = qk.quantize_act_lowrank_down(head, smooth_inv, lora_down, 64, two_level, config, x_tail=tail)
+    assert torch.equal(act_q, ref_q) and torch.equal(scales, ref_scales)
+    bound = k * FP32_EPS * (whole.float().abs() @ lora_down.float().abs().T) + ulp_bound(ref_lora.float(), torch.bfloat16)
+    assert ((lora_act.float() - ref_lora.float()).abs() <= bound).all()
+
+
 def test_quantize_near_ties_and_random_quotients():
     """The kernel's quotient (reciprocal + one fma correction) rounds like torch's division."""
     gen = torch.Generator().manual_seed(11)
@@ -201,6 +228,33 @@ def test_w4a4_gemm_tile_configs(config):
     for _ in range(2):  # the second launch checks that split-K left its workspace clean
         out = gk.w4a4_gemm(*args, torch.bfloat16, config=config)
         assert ((out.float() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("gelu_columns", [(0, 83), (37, 60), (0, 16)], ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [gk.GemmConfig(16, 32, 128, 1, 4, 2), gk.GemmConfig(16, 32, 128, 2, 4, 2), gk.GemmConfig(32, 16, 64, 1, 4, 2, persistent=True)],
+    ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.split_k}" + ("p" if c.persistent else ""),
+)
+def test_w4a4_gemm_gelu_epilogue(config, gelu_columns):
+    """GELU (tanh) on all output columns, or on a range whose ends are not tile edges: the same as
+    the reference, and the columns outside the range untouched.
+
+    GELU's slope is at most 1.13, so a pre-activation difference d moves the output by at most
+    1.13 d; its fp32 evaluation (exp-based tanh in the kernel, torch's tanh in the reference) adds a
+    few roundings of |v|, bounded here by 16 eps |v|. Then one bf16 rounding.
+    """
+    start, end = gelu_columns
+    gen = torch.Generator().manual_seed(seed(config, gelu_columns))
+    args = _gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, True, gen)
+    pre, pre_bound = gemm_bound(args, torch.float32)
+    ref = gk.w4a4_gemm_reference(*args, torch.float32, gelu_start=start, gelu_end=end)
+    bound = 1.13 * pre_bound + 16 * FP32_EPS * pre.abs() + ulp_bound(ref, torch.bfloat16)
+    out = gk.w4a4_gemm(*args, torch.bfloat16, config=config, gelu_start=start, gelu_end=end)
+    assert ((out.float() - ref).abs() <= bound).all()
+    outside = torch.ones(83, dtype=torch.bool)
+    outside[start:end] = False
+    assert torch.equal(ref[:, outside], pre[:, outside]) and (ref[:, start:end] - pre[:, start:end]).abs().max() > 0.1
 
 
 def test_kernels_compose_to_the_op_reference():

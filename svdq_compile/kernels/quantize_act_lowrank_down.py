@@ -1,7 +1,10 @@
 """Activation side of the W4A4 linear: smoothing, per-token int4 quantization and the low-rank
 down projection, in two launches that each read x once.
 
-``quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level)`` returns
+``quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level, x_tail=x_tail2d)``
+quantizes the rows of ``x2d`` (or of ``cat([x2d, x_tail2d], -1)``, read in place from both pieces:
+FLUX's single blocks feed ``proj_out`` the attention output and the MLP activations side by side)
+and returns
 
 * ``act_q`` int8 [M, K]: the GEMM operand, ``q * mult`` (two-level) or ``q`` (float group scales);
 * ``act_scales``: fp32 [M] row scales ``s1`` (two-level) or fp32 [M, K / group_size] group scales;
@@ -61,9 +64,20 @@ def _round_int4(v):
 
 
 @triton.jit
+def _x_tile(x_ptr, tail_ptr, stride_x, stride_tail, K_HEAD, offs_m, offs_k, k0, mask):
+    """The x tile of rows ``offs_m`` and columns ``offs_k`` (all on one side of ``K_HEAD``, the
+    launcher makes sure): from x, or past its K_HEAD columns from the tail piece. Rows may be strided."""
+    in_head = k0 < K_HEAD
+    base = tl.where(in_head, x_ptr, tail_ptr)
+    stride = tl.where(in_head, stride_x, stride_tail)
+    col0 = tl.where(in_head, 0, K_HEAD)
+    return tl.load(base + offs_m.to(tl.int64)[:, None] * stride + (offs_k - col0)[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _row_max_lowrank_kernel(
-    x_ptr, smooth_ptr, down_ptr, max_ptr, partial_ptr,
-    M, K, R, K_PER_SPLIT,
+    x_ptr, tail_ptr, smooth_ptr, down_ptr, max_ptr, partial_ptr,
+    M, K, R, K_PER_SPLIT, stride_x, stride_tail, K_HEAD,
     ROW_MAX: tl.constexpr, HAS_LORA: tl.constexpr, R_CHUNKS: tl.constexpr, K_SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -82,7 +96,6 @@ def _row_max_lowrank_kernel(
     mask_m = offs_m < M
     offs_r = r_chunk * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    rows = offs_m.to(tl.int64)[:, None] * K
     k_begin = split * K_PER_SPLIT
     k_end = min(k_begin + K_PER_SPLIT, K)
     row_max = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -90,7 +103,7 @@ def _row_max_lowrank_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
-        x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x = _x_tile(x_ptr, tail_ptr, stride_x, stride_tail, K_HEAD, offs_m, offs_k, k0, mask_m[:, None] & mask_k[None, :])
         if ROW_MAX:
             if r_chunk == 0:
                 xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
@@ -108,8 +121,8 @@ def _row_max_lowrank_kernel(
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, smooth_ptr, max_ptr, partial_ptr, q_ptr, scale_ptr, lora_ptr,
-    M, K, R, K_PER_SPLIT,
+    x_ptr, tail_ptr, smooth_ptr, max_ptr, partial_ptr, q_ptr, scale_ptr, lora_ptr,
+    M, K, R, K_PER_SPLIT, stride_x, stride_tail, K_HEAD,
     GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, HAS_LORA: tl.constexpr, STAT_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
 ):
@@ -153,7 +166,7 @@ def _quantize_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         mask = mask_m[:, None] & mask_k[None, :]
-        x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask, other=0.0)
+        x = _x_tile(x_ptr, tail_ptr, stride_x, stride_tail, K_HEAD, offs_m, offs_k, k0, mask)
         xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
         xg = tl.reshape(xs, (BLOCK_M, NUM_GROUPS, GROUP))
         group_max = tl.reduce(tl.abs(xg), 2, _max_propagate_nan)
@@ -178,10 +191,15 @@ _MAX_FUSED_RANK = 256
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-def _check_args(x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int) -> None:
+def _check_args(x2d: Tensor, x_tail: Tensor | None, smooth_inv: Tensor, lora_down: Tensor, group_size: int) -> int:
+    """Validate the arguments; return K (the columns of x2d and x_tail together)."""
     if x2d.dim() != 2 or x2d.dtype not in _TORCH_TO_TL:
         raise ValueError(f"quantize_act_lowrank_down: x2d must be a 2-D bf16/fp16/fp32 tensor, got {x2d.dtype} {tuple(x2d.shape)}")
     k = x2d.shape[1]
+    if x_tail is not None:
+        if x_tail.dim() != 2 or x_tail.dtype != x2d.dtype or x_tail.shape[0] != x2d.shape[0]:
+            raise ValueError(f"quantize_act_lowrank_down: x_tail must be [{x2d.shape[0]}, K2] of x2d's dtype {x2d.dtype}, got {x_tail.dtype} {tuple(x_tail.shape)}")
+        k += x_tail.shape[1]
     if group_size not in (16, 32, 64, 128, 256):
         raise ValueError(f"quantize_act_lowrank_down: group_size must be a power of two in 16..256, got {group_size}; use the reference op")
     if k % group_size:
@@ -190,6 +208,12 @@ def _check_args(x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: 
         raise ValueError(f"quantize_act_lowrank_down: smooth_inv must be [{k}], got {tuple(smooth_inv.shape)}")
     if lora_down.dim() != 2 or lora_down.shape[1] != k or lora_down.dtype not in _TORCH_TO_TL:
         raise ValueError(f"quantize_act_lowrank_down: lora_down must be a float [R, {k}], got {lora_down.dtype} {tuple(lora_down.shape)}")
+    return k
+
+
+def _unit_column_stride(t: Tensor) -> Tensor:
+    """``t`` itself when its rows are read with one row stride (columns adjacent), else a copy."""
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,18 +294,28 @@ def _launch_plan(m: int, k: int, rank: int, two_level: bool, cfg: QuantizeConfig
 
 
 def quantize_act_lowrank_down(
-    x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int, two_level: bool, config: QuantizeConfig | None = None
+    x2d: Tensor,
+    smooth_inv: Tensor,
+    lora_down: Tensor,
+    group_size: int,
+    two_level: bool,
+    config: QuantizeConfig | None = None,
+    x_tail: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantize ``x2d * smooth_inv`` per token and compute ``x2d @ lora_down^T`` (two launches).
+    """Quantize ``x * smooth_inv`` per token and compute ``x @ lora_down^T`` (two launches), where
+    x is ``x2d`` or, given ``x_tail``, ``cat([x2d, x_tail], -1)`` without forming it.
 
     Args:
-        x2d: [M, K] bf16, fp16 or fp32 (copied to contiguous memory if it is not).
-        smooth_inv: [K] fp32.
+        x2d: [M, K1] bf16, fp16 or fp32; rows may be strided (read in place).
+        smooth_inv: [K] fp32 (K = K1, or K1 + K2 with ``x_tail``).
         lora_down: [R, K], any R (0 allowed; ranks past 256 go through a separate fp32 matmul);
             any float dtype (a dtype other than x's is multiplied in fp32).
         group_size: power of two in 16..256 dividing K.
         two_level: the "int4_2level" format (else "int4" float group scales).
         config: launch shape of the quantizing launch (sweeps, tests); None uses ``default_quantize_config``.
+        x_tail: [M, K2] of x2d's dtype, the columns after x2d's (rows may be strided). Read in place
+            when K1 is a multiple of both launches' K tiles (so no tile straddles the two pieces);
+            otherwise the pieces are concatenated first.
 
     Returns:
         ``(act_q int8 [M, K], act_scales fp32 [M] or [M, K / group_size], lora_act [M, R] x.dtype)``.
@@ -292,14 +326,22 @@ def quantize_act_lowrank_down(
         >>> q.dtype, tuple(s.shape), tuple(la.shape)
         (torch.int8, (5,), (5, 16))
     """
-    _check_args(x2d, smooth_inv, lora_down, group_size)
-    x2d = x2d.contiguous()
-    m, k = x2d.shape
+    k = _check_args(x2d, x_tail, smooth_inv, lora_down, group_size)
+    m = x2d.shape[0]
+    cfg = config or default_quantize_config(m, k, lora_down.shape[0], group_size)
+    if cfg.block_k % group_size:
+        raise ValueError(f"quantize_act_lowrank_down: block_k = {cfg.block_k} must be a multiple of group_size = {group_size}")
+    if x_tail is not None and (x2d.shape[1] % _STAT_BLOCK_K or x2d.shape[1] % cfg.block_k):
+        x2d, x_tail = torch.cat((x2d, x_tail), dim=1), None
     if lora_down.shape[0] > _MAX_FUSED_RANK:
         # Ranks past 256 (many appended LoRAs): one more fp32 matmul rather than a third rank chunk.
-        act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down[:_MAX_FUSED_RANK], group_size, two_level, config)
-        extra = (x2d.float() @ lora_down[_MAX_FUSED_RANK:].float().T).to(x2d.dtype)
+        act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down[:_MAX_FUSED_RANK], group_size, two_level, config, x_tail)
+        x_full = x2d if x_tail is None else torch.cat((x2d, x_tail), dim=1)
+        extra = (x_full.float() @ lora_down[_MAX_FUSED_RANK:].float().T).to(x2d.dtype)
         return act_q, act_scales, torch.cat((lora_act, extra), dim=1)
+    head = _unit_column_stride(x2d)
+    tail = head if x_tail is None else _unit_column_stride(x_tail)
+    layout = (head.stride(0), tail.stride(0), head.shape[1])  # the kernels' stride_x, stride_tail, K_HEAD
     rank = lora_down.shape[0]
     device = x2d.device
     act_q = torch.empty((m, k), dtype=torch.int8, device=device)
@@ -307,9 +349,6 @@ def quantize_act_lowrank_down(
     lora_act = torch.empty((m, rank), dtype=x2d.dtype, device=device)
     if m == 0:
         return act_q, act_scales, lora_act
-    cfg = config or default_quantize_config(m, k, rank, group_size)
-    if cfg.block_k % group_size:
-        raise ValueError(f"quantize_act_lowrank_down: block_k = {cfg.block_k} must be a multiple of group_size = {group_size}")
     plan = _launch_plan(m, k, rank, two_level, cfg, sm_count(device))
     smooth = smooth_inv.float().contiguous()
 
@@ -322,7 +361,7 @@ def quantize_act_lowrank_down(
         # mixed dtypes and under the CPU interpreter, whose bf16 dot is wrong (Triton 3.9 reads raw bits).
         dot_dtype = x2d.dtype if lora_down.dtype == x2d.dtype and x2d.is_cuda else torch.float32
         _row_max_lowrank_kernel[(plan.stat_programs,)](
-            x2d, smooth, lora_down.contiguous(), row_max, partials, m, k, rank, plan.stat_width,
+            head, tail, smooth, lora_down.contiguous(), row_max, partials, m, k, rank, plan.stat_width, *layout,
             ROW_MAX=two_level, HAS_LORA=rank > 0, R_CHUNKS=plan.r_chunks, K_SPLIT=plan.stat_splits,
             DOT_DTYPE=_TORCH_TO_TL[dot_dtype], DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
             BLOCK_M=plan.stat_block_m, BLOCK_K=_STAT_BLOCK_K, BLOCK_R=plan.block_r, num_warps=4, num_stages=3,
@@ -330,7 +369,7 @@ def quantize_act_lowrank_down(
 
     # Launch 2: quantize in one sweep, adding up launch 1's partials.
     _quantize_kernel[(plan.quantize_programs,)](
-        x2d, smooth, row_max, partials, act_q, act_scales, lora_act, m, k, rank, plan.quantize_width,
+        head, tail, smooth, row_max, partials, act_q, act_scales, lora_act, m, k, rank, plan.quantize_width, *layout,
         GROUP=group_size, TWO_LEVEL=two_level, HAS_LORA=rank > 0, STAT_SPLITS=plan.stat_splits,
         BLOCK_R=plan.block_r, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, K_SPLIT=plan.quantize_splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -339,7 +378,7 @@ def quantize_act_lowrank_down(
 
 
 def quantize_act_lowrank_down_reference(
-    x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int, two_level: bool
+    x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int, two_level: bool, x_tail: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What ``quantize_act_lowrank_down`` computes, in plain PyTorch (``numerics.quantize_activations``).
 
@@ -349,6 +388,8 @@ def quantize_act_lowrank_down_reference(
         >>> tuple(s.shape), la.dtype
         ((5, 2), torch.float32)
     """
+    if x_tail is not None:
+        x2d = torch.cat((x2d, x_tail), dim=1)
     act_q, act_scales = quantize_activations(x2d.float() * smooth_inv.float(), group_size, two_level)
     lora_act = (x2d.float() @ lora_down.float().T).to(x2d.dtype)
     return act_q, act_scales.float(), lora_act

@@ -7,7 +7,9 @@
 * float group scales (``act_scales`` [M, K/G], ``weight_scales`` [N, K/G]): one int8 dot per group,
   rescaled and summed in fp32 in the K loop (exact per-group integer dots, slower);
 * then ``+= lora_act @ lora_up^T`` (fp32 accumulation, the rank looped in chunks, so ranks up to 256
-  cost one extra small dot per chunk), ``+= bias``, cast to ``out_dtype``.
+  cost one extra small dot per chunk), ``+= bias``, optionally GELU (tanh approximation) on the
+  output columns ``gelu_start:gelu_end``, cast to ``out_dtype``. The GELU there saves the separate
+  elementwise pass that would read and write the whole output again (an MLP's up projection).
 
 Large M may run persistent (one program per SM walking the tiles, TMA loads). Small M is
 memory-bound on the weight: those configs use small M tiles, more programs along N and,
@@ -27,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..numerics import apply_gelu_columns
 from . import sm_count
 
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -45,8 +48,8 @@ def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _w4a4_gemm_kernel(
     a_ptr, sa_ptr, w_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
-    M, N, K, R,
-    TWO_LEVEL: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+    M, N, K, R, gelu_start, gelu_end,
+    TWO_LEVEL: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr,
     LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -83,8 +86,8 @@ def _w4a4_gemm_kernel(
             w_ptrs += BLOCK_K
         if SPLIT_K == 1:
             out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
-            _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
-                      HAS_BIAS, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
+            _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R, gelu_start, gelu_end,
+                      HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
         else:
             tile_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
             tile_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -96,8 +99,8 @@ def _w4a4_gemm_kernel(
                 acc = tl.atomic_xchg(ws_ptr + tile_offs, tl.zeros_like(acc), mask=tile_mask, sem="relaxed")
                 tl.atomic_xchg(count_ptr + pid, 0)  # leave the workspace clean for the next launch
                 out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
-                _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
-                          HAS_BIAS, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
+                _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R, gelu_start, gelu_end,
+                          HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
     else:
         # Float group scales: BLOCK_K == GROUP, one exact int32 dot per group, rescaled in fp32.
         num_groups = K // GROUP
@@ -111,15 +114,15 @@ def _w4a4_gemm_kernel(
             out += dot * sa[:, None] * sw[None, :]
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
-                  HAS_BIAS, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
+        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R, gelu_start, gelu_end,
+                  HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
 
 
 @triton.jit
 def _w4a4_gemm_persistent_kernel(
     a_desc, w_desc, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
-    M, N, K, R,
-    HAS_BIAS: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    M, N, K, R, gelu_start, gelu_end,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
@@ -142,14 +145,24 @@ def _w4a4_gemm_persistent_kernel(
         rows_a = (offs_m % M).to(tl.int64)
         rows_w = (offs_n % N).to(tl.int64)
         out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
-        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
-                  HAS_BIAS, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
+        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R, gelu_start, gelu_end,
+                  HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
 
 
 @triton.jit
-def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R,
-              HAS_BIAS: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out += lora_act @ lora_up^T (rank in chunks of BLOCK_R) + bias; store as out's dtype."""
+def _gelu_tanh(v):
+    """GELU, tanh approximation, in fp32: ``0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))`` with
+    ``tanh(u) = 1 - 2 / (exp(2u) + 1)`` (exact limits at large |u|, no overflow)."""
+    u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+    return 0.5 * v * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+
+
+@triton.jit
+def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R, gelu_start, gelu_end,
+              HAS_BIAS: tl.constexpr, GELU: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
+              BLOCK_R: tl.constexpr):
+    """out += lora_act @ lora_up^T (rank in chunks of BLOCK_R) + bias; GELU on the columns
+    gelu_start..gelu_end - 1 (when GELU); store as out's dtype."""
     offs_r = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         r_ok = (r0 + offs_r) < R
@@ -158,6 +171,8 @@ def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, of
         out = tl.dot(la.to(LORA_DTYPE), tl.trans(lu.to(LORA_DTYPE)), out, input_precision=LORA_PRECISION)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows_w).to(tl.float32)[None, :]
+    if GELU:
+        out = tl.where(((offs_n >= gelu_start) & (offs_n < gelu_end))[None, :], _gelu_tanh(out), out)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -249,7 +264,7 @@ def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scal
     return group
 
 
-def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, lora_dtype: torch.dtype, cfg: GemmConfig) -> None:
+def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, gelu: tuple[int, int], lora_dtype: torch.dtype, cfg: GemmConfig) -> None:
     two_level = group == 0
     block_r = 16 if rank <= 16 else (32 if rank <= 32 else 64)
     lora_tl, lora_precision = _TORCH_TO_TL[lora_dtype], "ieee" if lora_dtype == torch.float32 else "tf32"
@@ -260,8 +275,8 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
         programs = min(sm_count(act_q.device), triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n))
         _w4a4_gemm_persistent_kernel[(programs,)](
             TensorDescriptor.from_tensor(act_q, [cfg.block_m, cfg.block_k]), TensorDescriptor.from_tensor(weight_q, [cfg.block_n, cfg.block_k]),
-            act_scales, weight_scales, lora_act, lora_up, bias, out, m, n, k, rank,
-            HAS_BIAS=has_bias, LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
+            act_scales, weight_scales, lora_act, lora_up, bias, out, m, n, k, rank, *gelu,
+            HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
             GROUP_M=cfg.group_m, NUM_PROGRAMS=programs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -271,8 +286,8 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
     ws, counts = _split_k_workspace(args[0].device, m * n, tiles) if split_k > 1 else (args[0], args[0])
     block_k = cfg.block_k if two_level else group
     _w4a4_gemm_kernel[(tiles, split_k)](
-        *args, ws, counts, m, n, k, rank,
-        TWO_LEVEL=two_level, HAS_BIAS=has_bias, GROUP=max(group, 1),
+        *args, ws, counts, m, n, k, rank, *gelu,
+        TWO_LEVEL=two_level, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(group, 1),
         LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         GROUP_M=cfg.group_m, SPLIT_K=split_k, EVEN_K=k % (block_k * split_k) == 0,
@@ -280,12 +295,12 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
     )
 
 
-def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, lora_dtype: torch.dtype) -> GemmConfig:
+def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, gelu: tuple[int, int], lora_dtype: torch.dtype) -> GemmConfig:
     """Time every candidate on the real arguments (median of a short run); cache the fastest."""
     best, best_ms = None, float("inf")
     for cfg in _candidate_configs(m, group == 0, group):
         try:
-            ms = triton.testing.do_bench(lambda: _launch(args, m, n, k, rank, group, has_bias, lora_dtype, cfg), warmup=5, rep=20, return_mode="median")
+            ms = triton.testing.do_bench(lambda: _launch(args, m, n, k, rank, group, has_bias, gelu, lora_dtype, cfg), warmup=5, rep=20, return_mode="median")
         except triton.runtime.errors.OutOfResources:
             continue  # tile does not fit this GPU's shared memory or registers
         if ms < best_ms:
@@ -314,8 +329,11 @@ def w4a4_gemm(
     bias: Tensor | None,
     out_dtype: torch.dtype,
     config: GemmConfig | None = None,
+    gelu_start: int = 0,
+    gelu_end: int = 0,
 ) -> Tensor:
-    """``float(act_q . weight_q^T) * scales + lora_act @ lora_up^T + bias`` as ``out_dtype`` [M, N].
+    """``float(act_q . weight_q^T) * scales + lora_act @ lora_up^T + bias`` as ``out_dtype`` [M, N],
+    with GELU (tanh approximation) on the output columns ``gelu_start:gelu_end``.
 
     Args:
         act_q: [M, K] int8 activations (``q * mult`` or ``q``).
@@ -327,6 +345,8 @@ def w4a4_gemm(
         bias: [N] or None.
         out_dtype: bf16, fp16 or fp32.
         config: a fixed tile config (tests); None picks a measured one on CUDA, a default elsewhere.
+        gelu_start, gelu_end: the output columns that GELU applies to (the activation after an
+            MLP's up projection, or after its piece of a fused projection); an empty range: none.
 
     Example:
         >>> a = torch.randint(-8, 8, (3, 128), dtype=torch.int8)
@@ -349,10 +369,10 @@ def w4a4_gemm(
         config = _tuned.get(key)
         if config is None:
             if act_q.is_cuda and not torch.cuda.is_current_stream_capturing():
-                config = _tune(args, key, m, n, k, rank, group, bias is not None, lora_dtype)
+                config = _tune(args, key, m, n, k, rank, group, bias is not None, (gelu_start, gelu_end), lora_dtype)
             else:
                 config = _candidate_configs(m, group == 0, group)[0]
-    _launch(args, m, n, k, rank, group, bias is not None, lora_dtype, config)
+    _launch(args, m, n, k, rank, group, bias is not None, (gelu_start, gelu_end), lora_dtype, config)
     return out
 
 
@@ -365,6 +385,8 @@ def w4a4_gemm_reference(
     lora_up: Tensor,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    gelu_start: int = 0,
+    gelu_end: int = 0,
 ) -> Tensor:
     """What ``w4a4_gemm`` computes, in plain PyTorch (the GEMM half of ``numerics.w4a4_linear_reference``).
 
@@ -387,4 +409,4 @@ def w4a4_gemm_reference(
             out[rows] += (acc * act_scales[rows].float().unsqueeze(1) * weight_scales.float().unsqueeze(0)).sum(-1)
     if bias is not None:
         out += bias.float()
-    return out.to(out_dtype)
+    return apply_gelu_columns(out, gelu_start, gelu_end).to(out_dtype)
