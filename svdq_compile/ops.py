@@ -28,6 +28,9 @@ def check_w4a4_args(
     lora_up: Tensor,
     bias: Tensor | None,
     group_size: int,
+    x_tail: Tensor | None = None,
+    gelu_start: int = 0,
+    gelu_end: int = 0,
 ) -> None:
     """Raise a ValueError that says what to change when the op's arguments do not fit together.
 
@@ -42,9 +45,14 @@ def check_w4a4_args(
     if weight_q.dtype not in (torch.int8, torch.uint8) or weight_q.dim() != 2:
         raise ValueError(f"w4a4_linear: weight_q must be a 2-D int8 operand [N, K] or its uint8 packed form, got {weight_q.dtype} {tuple(weight_q.shape)}")
     n = weight_q.shape[0]
-    k = weight_q.shape[1] if weight_q.dtype == torch.int8 else x.shape[-1]
-    if x.shape[-1] != k:
-        raise ValueError(f"w4a4_linear: x has {x.shape[-1]} features but the weight expects {k}; pass x of shape [..., {k}]")
+    x_features = x.shape[-1]
+    if x_tail is not None:
+        if x_tail.dtype != x.dtype or x_tail.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"w4a4_linear: x_tail must have x's dtype and leading shape {tuple(x.shape[:-1])}, got {x_tail.dtype} {tuple(x_tail.shape)}")
+        x_features += x_tail.shape[-1]
+    k = weight_q.shape[1] if weight_q.dtype == torch.int8 else x_features
+    if x_features != k:
+        raise ValueError(f"w4a4_linear: x (with x_tail) has {x_features} features but the weight expects {k}; pass x of shape [..., {k}]")
     if group_size <= 0 or k % group_size:
         raise ValueError(f"w4a4_linear: K = {k} must be a multiple of group_size = {group_size}; keep this layer in 16-bit")
     packed_columns = packed_weight_columns(k, group_size, weight_scales.dim() == 1)
@@ -60,7 +68,9 @@ def check_w4a4_args(
         raise ValueError(f"w4a4_linear: lora_down must be [R, {k}] and lora_up [{n}, R], got {tuple(lora_down.shape)} and {tuple(lora_up.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"w4a4_linear: bias must be [{n}], got {tuple(bias.shape)}")
-    devices = {t.device for t in (x, weight_q, weight_scales, smooth_inv, lora_down, lora_up) + ((bias,) if bias is not None else ())}
+    if gelu_start < gelu_end and not 0 <= gelu_start < gelu_end <= n:
+        raise ValueError(f"w4a4_linear: the GELU columns gelu_start:gelu_end must lie in 0:{n}, got {gelu_start}:{gelu_end}")
+    devices = {t.device for t in (x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, x_tail) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"w4a4_linear: all tensors must be on one device, got {sorted(map(str, devices))}; move the model with .to(device)")
 
@@ -75,14 +85,17 @@ def _w4a4_linear_op(
     lora_up: Tensor,
     bias: Tensor | None,
     group_size: int,
+    x_tail: Tensor | None = None,
+    gelu_start: int = 0,
+    gelu_end: int = 0,
 ) -> Tensor:
-    check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
-    return w4a4_linear_reference(x.contiguous(), weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
+    check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
+    return w4a4_linear_reference(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
 
 
 @_w4a4_linear_op.register_fake
-def _w4a4_linear_fake(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size):
-    check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
+def _w4a4_linear_fake(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail=None, gelu_start=0, gelu_end=0):
+    check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 
 
@@ -115,12 +128,17 @@ def w4a4_linear(
     lora_up: Tensor,
     bias: Tensor | None = None,
     group_size: int = 64,
+    x_tail: Tensor | None = None,
+    gelu_start: int = 0,
+    gelu_end: int = 0,
 ) -> Tensor:
     """W4A4 SVDQuant linear ``[..., K] -> [..., N]`` in x's dtype (see ``w4a4_linear_reference``).
 
-    Any leading dims; a non-contiguous x is copied to contiguous memory first. A token containing
-    NaN or Inf gives a non-finite output row; other rows are unaffected. Arguments that do not fit
-    raise a ValueError naming what to change.
+    Any leading dims; rows of x may be strided (other layouts are copied first). ``x_tail`` gives
+    the input's last features as a second tensor (the op reads ``cat([x, x_tail], -1)`` without
+    forming it); GELU (tanh approximation) is applied to the output columns ``gelu_start:gelu_end``.
+    A token containing NaN or Inf gives a non-finite output row; other rows are unaffected.
+    Arguments that do not fit raise a ValueError naming what to change.
 
     Example:
         >>> from svdq_compile.quantized_linear import QuantizedLinear
@@ -128,7 +146,7 @@ def w4a4_linear(
         >>> w4a4_linear(torch.randn(3, 64), ql.weight_operand(), ql.scales, ql.smooth_inv, ql.lora_down, ql.lora_up).shape
         torch.Size([3, 8])
     """
-    return torch.ops.svdq.w4a4_linear(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
+    return torch.ops.svdq.w4a4_linear(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
 
 
 @functools.cache
@@ -146,26 +164,27 @@ def _reference_reason(device_index: int, group_size: int) -> str | None:
 
 
 @_w4a4_linear_op.register_kernel("cuda")
-def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size):
+def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail=None, gelu_start=0, gelu_end=0):
     """CUDA: the two fused Triton kernels (quantize + low-rank down, then GEMM + epilogue), plus
     the expansion of a packed 4-bit weight to the int8 operand before the GEMM.
 
     GPUs without int8 tensor cores (compute capability < 8.0) and group sizes the kernels do not
     take (not a power of two in 16..256) run the reference instead, with a one-time warning.
     """
-    check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
-    x = x.contiguous()
+    check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
     if _reference_reason(x.device.index, group_size) is not None:
-        return w4a4_linear_reference(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size)
+        return w4a4_linear_reference(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
     # Imported here so that importing the package does not compile or decorate Triton kernels.
     from .kernels.quantize_act_lowrank_down import quantize_act_lowrank_down
     from .kernels.unpack_weight import unpack_weight
     from .kernels.w4a4_gemm import w4a4_gemm
 
     two_level = weight_scales.dim() == 1
+    # reshape keeps a view where it can (a column slice of a larger output stays in place).
     x2d = x.reshape(-1, x.shape[-1])
-    act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level)
+    tail2d = None if x_tail is None else x_tail.reshape(-1, x_tail.shape[-1])
+    act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level, x_tail=tail2d)
     if weight_q.dtype == torch.uint8:  # packed 4-bit weights: expand into a buffer that lives for this call
-        weight_q = unpack_weight(weight_q, x.shape[-1], group_size, two_level)
-    out = w4a4_gemm(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, x.dtype)
+        weight_q = unpack_weight(weight_q, act_q.shape[1], group_size, two_level)
+    out = w4a4_gemm(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, x.dtype, gelu_start=gelu_start, gelu_end=gelu_end)
     return out.reshape(*x.shape[:-1], weight_q.shape[0])

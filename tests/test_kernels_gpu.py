@@ -170,6 +170,30 @@ def test_custom_op_on_cuda_matches_reference(m_shape, n, k, two_level, dtype):
     assert torch.equal(torch.ops.svdq.w4a4_linear(x, packed, scales, smooth_inv, lora_down, lora_up, bias, 64), out)
 
 
+@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+@pytest.mark.parametrize("m", [77, 4608])
+def test_custom_op_two_pieces_and_gelu_on_cuda(m, two_level):
+    """FLUX single blocks after the cat and GELU passes: proj_out reads the attention output and a
+    column slice of the fused q/k/v/MLP output in place, and that GEMM applied GELU to its MLP
+    columns (here a range with ends off the tile edges). Same result as the contiguous
+    concatenation and GELU afterwards (fp32 output)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed("pieces", m, two_level))
+    n, k = 3072, 15360
+    x, weight_q, scales, smooth_inv, lora_down, lora_up, bias = _op_args((m,), n, k, 32, torch.float32, two_level, gen)
+    fused_output = torch.cat((torch.randn(m, 9216, device="cuda"), x[:, 3072:]), 1)  # [M, 21504]
+    head, tail = x[:, :3072].clone(), fused_output[:, 9216:]
+    assert tail.stride() == (21504, 1)
+    args = (weight_q, scales, smooth_inv, lora_down, lora_up, bias, 64)
+    plain = torch.ops.svdq.w4a4_linear(x, *args)
+    assert torch.equal(torch.ops.svdq.w4a4_linear(head, *args, tail), plain)
+    gelu_out = torch.ops.svdq.w4a4_linear(head, *args, tail, 1000, 2900)
+    expected = plain.clone()
+    expected[:, 1000:2900] = torch.nn.functional.gelu(plain[:, 1000:2900], approximate="tanh")
+    # the kernel's exp-based tanh and torch's differ by a few fp32 roundings of |v|
+    assert ((gelu_out - expected).abs() <= 16 * FP32_EPS * plain.abs() + 1e-30).all()
+    assert torch.equal(gelu_out[:, :1000], plain[:, :1000]) and torch.equal(gelu_out[:, 2900:], plain[:, 2900:])
+
+
 @pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
 @pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
 def test_unpack_weight_flux_shapes(two_level, n, k):

@@ -96,6 +96,9 @@ def test_non_finite_tokens_poison_only_their_row():
         (lambda a: {**a, "lora_up": a["lora_up"][:, :3]}, "lora_up"),
         (lambda a: {**a, "bias": a["bias"][:5]}, "bias"),
         (lambda a: {**a, "weight_q": a["weight_q"][:, :96].view(torch.uint8)}, "packed weight_q"),
+        (lambda a: {**a, "x": a["x"][..., :128], "x_tail": a["x"][..., :32]}, "features"),
+        (lambda a: {**a, "x": a["x"][..., :128], "x_tail": a["x"][:2, 128:]}, "x_tail"),
+        (lambda a: {**a, "gelu_start": 90, "gelu_end": 97}, "GELU columns"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(change, message):
@@ -105,6 +108,23 @@ def test_bad_arguments_raise_clear_errors(change, message):
                 lora_down=down, lora_up=up, bias=bias, group_size=gs)
     with pytest.raises(ValueError, match=message):
         w4a4_linear(**change(args))
+
+
+@pytest.mark.parametrize("gelu_columns", [(0, 0), (0, 96), (13, 50)])
+def test_two_piece_input_and_gelu_columns(gelu_columns):
+    """``x_tail`` is the same op as its concatenation with x, and the GELU columns the same as GELU
+    (tanh) on those output columns afterwards: bit for bit in fp32, where both round once."""
+    start, end = gelu_columns
+    _, layer = _layer()
+    x = _inputs((3, 5, 192), torch.float32)
+    args = _args(layer)
+    plain = w4a4_linear(x, *args)
+    expected = plain.clone()
+    expected[..., start:end] = torch.nn.functional.gelu(plain[..., start:end], approximate="tanh")
+    wide = torch.cat((x[..., 64:], torch.zeros(3, 5, 7)), -1)[..., :128]  # a strided piece
+    out = w4a4_linear(x[..., :64], *args, x_tail=wide, gelu_start=start, gelu_end=end)
+    assert torch.equal(out, expected)
+    assert start == end or not torch.equal(out, plain)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int4_2level"])
