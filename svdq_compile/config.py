@@ -59,6 +59,10 @@ class SVDQuantConfig:
             proj_mlp) are quantized as one layer over their concatenated weights and run as one
             W4A4 op, so the input is quantized once (else one op, and one quantization, per linear).
         quantize_linear: backend pass flag: rewrite every eligible linear into the W4A4 op.
+        fuse_gelu: backend pass flag: a tanh-approximated GELU that reads a W4A4 op's output (or
+            the last piece of a fused op's output) runs in that op's GEMM epilogue.
+        fuse_cat_input: backend pass flag: a W4A4 op whose input is a concatenation of two tensors
+            along the features reads both pieces in place (FLUX single blocks' ``proj_out``).
         free_weights: after the first compiled call, release the storage of the 16-bit weights the
             compiled graph no longer reads (eager calls and ``state_dict`` then fail).
         packed_weights: keep quantized weights in GPU memory at 4 bits (0.27x the bytes of bf16)
@@ -91,6 +95,8 @@ class SVDQuantConfig:
     fuse_lora: bool = True
     fuse_shared_input: bool = True
     quantize_linear: bool = True
+    fuse_gelu: bool = True
+    fuse_cat_input: bool = True
     free_weights: bool = True
     packed_weights: bool = False
     cuda_graphs: bool = True
@@ -115,7 +121,7 @@ class SVDQuantConfig:
         self.skip = tuple(self.skip)
         if not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be an integer >= 1, got {self.calib_tokens!r}")
-        for name in ("fuse_lora", "fuse_shared_input", "quantize_linear", "free_weights", "packed_weights", "cuda_graphs"):
+        for name in ("fuse_lora", "fuse_shared_input", "quantize_linear", "fuse_gelu", "fuse_cat_input", "free_weights", "packed_weights", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -21,6 +21,8 @@ from torch.nn import functional as F
 
 from svdq_compile import QuantizedLinear, SVDQuantConfig
 from svdq_compile.passes.base import W4A4_OP, count_linears, count_w4a4, linear_parts
+from svdq_compile.passes.cat_input_fusion import CatInputFusionPass
+from svdq_compile.passes.gelu_epilogue_fusion import GeluEpilogueFusionPass
 from svdq_compile.passes.linear_to_w4a4 import LinearToW4A4Pass
 from svdq_compile.passes.lora_linear_fusion import LoraLinearFusionPass
 from svdq_compile.passes.pass_manager import SVDQPassManager
@@ -245,9 +247,9 @@ def test_pass_manager_order_and_flags():
     x = with_outliers(4, 128)
     gm, inputs = capture(model, x)
     counts = SVDQPassManager(CONFIG, AttrProvider(gm, inputs))(gm.graph)
-    assert counts == {"LoraLinearFusionPass": 2, "SharedInputFusionPass": 0, "LinearToW4A4Pass": 0}
+    assert counts == {"LoraLinearFusionPass": 2, "SharedInputFusionPass": 0, "LinearToW4A4Pass": 0, "GeluEpilogueFusionPass": 0, "CatInputFusionPass": 0}
     gm, inputs = capture(model, x)
-    no_fusion = SVDQuantConfig(rank=8, cache_dir="", fuse_lora=False)
+    no_fusion = SVDQuantConfig(rank=8, cache_dir="", fuse_lora=False, fuse_gelu=False, fuse_cat_input=False)
     counts = SVDQPassManager(no_fusion, AttrProvider(gm, inputs))(gm.graph)
     assert counts == {"SharedInputFusionPass": 0, "LinearToW4A4Pass": 2}
     assert op_counts(gm.graph)["linear"] == 4  # the adapters stay 16-bit linears
@@ -256,7 +258,95 @@ def test_pass_manager_order_and_flags():
 
 def test_pass_uuid_hashes_the_pass_source():
     assert LinearToW4A4Pass.uuid() == LinearToW4A4Pass.uuid()
-    assert len({LinearToW4A4Pass.uuid(), LoraLinearFusionPass.uuid(), SharedInputFusionPass.uuid()}) == 3
+    passes = (LinearToW4A4Pass, LoraLinearFusionPass, SharedInputFusionPass, GeluEpilogueFusionPass, CatInputFusionPass)
+    assert len({cls.uuid() for cls in passes}) == len(passes)
+
+
+class SingleBlock(nn.Module):
+    """FLUX's single block in small: q, k and the MLP input read one x; the MLP goes through GELU
+    (tanh), sits next to the attention stand-in, and one projection reads both."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        self.q, self.k, self.mlp = nn.Linear(128, 64), nn.Linear(128, 64), nn.Linear(128, 192)
+        self.ff_up, self.ff_down = nn.Linear(256, 128), nn.Linear(128, 128)
+        self.proj = nn.Linear(64 + 192, 256)
+        self.approximate = approximate
+
+    def forward(self, x):
+        mlp = F.gelu(self.mlp(x), approximate=self.approximate)
+        h = self.proj(torch.cat([self.q(x) * self.k(x), mlp], dim=-1))
+        return self.ff_down(F.gelu(self.ff_up(h), approximate=self.approximate))
+
+
+def graph_counts(graph: fx.Graph) -> dict[str, int]:
+    """W4A4 ops, GELUs and concatenations of activations in ``graph``."""
+    def calls(*targets):
+        return sum(1 for n in graph.nodes if n.op == "call_function" and n.target in targets)
+    return {"w4a4": count_w4a4(graph), "gelu": calls(F.gelu, torch._C._nn.gelu), "cat": calls(torch.cat)}
+
+
+@pytest.mark.parametrize("shape", [(6, 128), (2, 5, 128)])
+def test_gelu_and_cat_passes_fold_neighbours_into_the_op(shape):
+    """Counts before and after each pass; the folded graph computes bit for bit what the unfolded
+    one does (fp32: the op applies GELU before its one rounding, as the separate GELU did)."""
+    torch.manual_seed(0)
+    model = SingleBlock().eval()
+    x = with_outliers(*shape)
+    folding = (SharedInputFusionPass, LinearToW4A4Pass, GeluEpilogueFusionPass, CatInputFusionPass)
+    counts, out = run_pass_by_pass(model, x, passes=folding)
+    _, unfolded = run_pass_by_pass(model, x, passes=folding[:2])
+    gm, inputs = capture(model, x)
+    before = graph_counts(gm.graph)
+    provider = AttrProvider(gm, inputs)
+    steps = {}
+    for cls in folding:
+        cls(provider)(gm.graph)
+        steps[cls.__name__] = graph_counts(gm.graph)
+    assert before == {"w4a4": 0, "gelu": 2, "cat": 1}
+    assert steps["LinearToW4A4Pass"] == {"w4a4": 4, "gelu": 2, "cat": 2}  # + the joint bias's cat
+    assert steps["GeluEpilogueFusionPass"] == {"w4a4": 4, "gelu": 0, "cat": 2}
+    assert steps["CatInputFusionPass"] == {"w4a4": 4, "gelu": 0, "cat": 1}
+    gelu_columns = sorted((n.kwargs.get("gelu_start", 0), n.kwargs.get("gelu_end", 0)) for n in gm.graph.nodes if n.target is W4A4_OP)
+    assert gelu_columns == [(0, 0), (0, 0), (0, 128), (0, 192)]  # ff_up's whole output; the joint op's MLP columns
+    assert torch.equal(out, unfolded)
+    with torch.no_grad():
+        assert rel_err(out, model(x)) > 1e-3  # quantized for real
+
+
+def test_gelu_pass_leaves_exact_gelu_and_shared_outputs_alone():
+    torch.manual_seed(0)
+    gm, inputs = capture(SingleBlock(approximate="none").eval(), with_outliers(4, 128))
+    provider = AttrProvider(gm, inputs)
+    LinearToW4A4Pass(provider)(gm.graph)
+    assert GeluEpilogueFusionPass(provider)(gm.graph) == 0  # erf GELU: not what the epilogue computes
+
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(128, 64)
+
+        def forward(self, x):
+            y = self.up(x)
+            return F.gelu(y, approximate="tanh") + y  # y is read un-activated too
+
+    gm, inputs = capture(TwoReaders().eval(), with_outliers(4, 128))
+    LinearToW4A4Pass(AttrProvider(gm, inputs))(gm.graph)
+    assert GeluEpilogueFusionPass(None)(gm.graph) == 0
+
+
+def test_cat_pass_takes_only_two_pieces_along_the_features():
+    class Cats(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.three = nn.Linear(64, 32), nn.Linear(192, 32)
+
+        def forward(self, x):
+            return self.rows(torch.cat([x, x], dim=0)), self.three(torch.cat([x, x, x], dim=-1))
+
+    gm, inputs = capture(Cats().eval(), with_outliers(4, 64))
+    LinearToW4A4Pass(AttrProvider(gm, inputs))(gm.graph)
+    assert CatInputFusionPass(None)(gm.graph) == 0
 
 
 class SharedInput(nn.Module):
@@ -334,7 +424,7 @@ def test_fuse_shared_input_false_gives_one_op_per_linear():
     torch.manual_seed(0)
     gm, inputs = capture(SharedInput().eval(), with_outliers(4, 128))
     counts = SVDQPassManager(SVDQuantConfig(rank=8, cache_dir="", fuse_shared_input=False), AttrProvider(gm, inputs))(gm.graph)
-    assert counts == {"LoraLinearFusionPass": 0, "LinearToW4A4Pass": 4}
+    assert counts == {"LoraLinearFusionPass": 0, "LinearToW4A4Pass": 4, "GeluEpilogueFusionPass": 0, "CatInputFusionPass": 0}
     assert op_counts(gm.graph)["w4a4"] == 4
 
 

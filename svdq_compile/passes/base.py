@@ -22,7 +22,8 @@ from torch.nn import functional as F
 from .. import ops  # noqa: F401  (registers torch.ops.svdq.w4a4_linear)
 
 # The op every pass emits; its argument order is (x, weight_q, weight_scales, smooth_inv,
-# lora_down, lora_up, bias, group_size), see svdq_compile/ops.py.
+# lora_down, lora_up, bias, group_size), then the keywords x_tail, gelu_start and gelu_end that the epilogue
+# and input passes set; see svdq_compile/ops.py.
 W4A4_OP = torch.ops.svdq.w4a4_linear.default
 
 _LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
@@ -156,9 +157,14 @@ def shared_input_groups(graph: fx.Graph, quantizes: Callable[[fx.Node], bool]) -
     return [list(by_weight.values()) for by_weight in readers.values() if len(by_weight) > 1]
 
 
+def is_w4a4(node: fx.Node) -> bool:
+    """True for a ``svdq.w4a4_linear`` call node."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is W4A4_OP
+
+
 def count_w4a4(graph: fx.Graph) -> int:
     """Number of ``svdq.w4a4_linear`` calls in ``graph``."""
-    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is W4A4_OP)
+    return sum(1 for n in graph.nodes if is_w4a4(n))
 
 
 def count_linears(graph: fx.Graph) -> int:
@@ -166,4 +172,4 @@ def count_linears(graph: fx.Graph) -> int:
     return sum(1 for n in graph.nodes if linear_parts(n) is not None)
 
 
-__all__ = ["SVDQPass", "WeightProvider", "QuantizedNodes", "W4A4_OP", "linear_parts", "emit_w4a4", "copy_meta", "count_w4a4", "count_linears", "shared_input_groups", "is_add", "is_mul"]
+__all__ = ["SVDQPass", "WeightProvider", "QuantizedNodes", "W4A4_OP", "linear_parts", "emit_w4a4", "copy_meta", "count_w4a4", "count_linears", "is_w4a4", "shared_input_groups", "is_add", "is_mul"]
