@@ -114,9 +114,13 @@ def test_quantize_ranks(m, rank):
     smooth_inv = torch.ones(3072, device="cuda")
     act_q, _, lora_act = quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, True)
     ref_q, _, ref_lora = (t.cuda() for t in quantize_act_lowrank_down_reference(x.cpu(), smooth_inv.cpu(), lora_down.cpu(), 64, True))
-    assert torch.equal(act_q, ref_q)
+    assert torch.equal(act_q, ref_q), f"{int((act_q != ref_q).sum())} of {act_q.numel()} int8 values differ"
     bound = 3072 * FP32_EPS * (x.float().abs() @ lora_down.float().abs().T) + ulp_bound(ref_lora.float(), torch.bfloat16)
-    assert ((lora_act.float() - ref_lora.float()).abs() <= bound).all()
+    err = (lora_act.float() - ref_lora.float()).abs()
+    bad = err > bound
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} low-rank sums outside the bound (worst error/bound "
+                           f"{(err / bound).max().item():.3g}, relative error {(err.norm() / ref_lora.float().norm()).item():.3g}), "
+                           f"rows {bad.any(1).nonzero().flatten()[:8].tolist()}, columns {bad.any(0).nonzero().flatten()[:8].tolist()}")
 
 
 @pytest.mark.parametrize("rank", [16, 48, 128, 256, 272])

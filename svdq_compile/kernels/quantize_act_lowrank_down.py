@@ -3,8 +3,8 @@ down projection, in two launches that each read x once.
 
 ``quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level, x_tail=x_tail2d)``
 quantizes the rows of ``x2d`` (or of ``cat([x2d, x_tail2d], -1)``, read in place from both pieces:
-FLUX's single blocks feed ``proj_out`` the attention output and the MLP activations side by side)
-and returns
+FLUX's single blocks feed ``proj_out`` the attention output and the MLP activations side by side;
+rows may be strided) and returns
 
 * ``act_q`` int8 [M, K]: the GEMM operand, ``q * mult`` (two-level) or ``q`` (float group scales);
 * ``act_scales``: fp32 [M] row scales ``s1`` (two-level) or fp32 [M, K / group_size] group scales;
@@ -65,8 +65,9 @@ def _round_int4(v):
 
 @triton.jit
 def _x_tile(x_ptr, tail_ptr, stride_x, stride_tail, K_HEAD, offs_m, offs_k, k0, mask):
-    """The x tile of rows ``offs_m`` and columns ``offs_k`` (all on one side of ``K_HEAD``, the
-    launcher makes sure): from x, or past its K_HEAD columns from the tail piece. Rows may be strided."""
+    """Launch 2's x tile of rows ``offs_m`` and columns ``offs_k`` (all on one side of ``K_HEAD``,
+    the launcher makes sure): from x, or past its K_HEAD columns from the tail piece. Rows may be
+    strided."""
     in_head = k0 < K_HEAD
     base = tl.where(in_head, x_ptr, tail_ptr)
     stride = tl.where(in_head, stride_x, stride_tail)
@@ -76,14 +77,15 @@ def _x_tile(x_ptr, tail_ptr, stride_x, stride_tail, K_HEAD, offs_m, offs_k, k0, 
 
 @triton.jit
 def _row_max_lowrank_kernel(
-    x_ptr, tail_ptr, smooth_ptr, down_ptr, max_ptr, partial_ptr,
-    M, K, R, K_PER_SPLIT, stride_x, stride_tail, K_HEAD,
+    x_ptr, smooth_ptr, down_ptr, max_ptr, partial_ptr,
+    M, K, R, K_PER_SPLIT, stride_x, stride_down,
     ROW_MAX: tl.constexpr, HAS_LORA: tl.constexpr, R_CHUNKS: tl.constexpr, K_SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Per (row block, K slice, rank chunk): the max of |x * smooth| over the slice (rank chunk 0
-    only, when ROW_MAX) and ``x @ lora_down[chunk]^T`` over the slice in fp32.
+    """Per (row block, K slice, rank chunk) of one piece of x ([M, K], rows ``stride_x`` apart): the
+    max of |x * smooth| over the slice (rank chunk 0 only, when ROW_MAX) and
+    ``x @ lora_down[chunk]^T`` over the slice in fp32 (``lora_down`` rows ``stride_down`` apart).
 
     Rank chunks are the fastest-varying program index, so the programs of one x tile run side by
     side and all but the first read it from L2. Partials: max [K_SPLIT, M], sums [K_SPLIT, M, R].
@@ -96,6 +98,7 @@ def _row_max_lowrank_kernel(
     mask_m = offs_m < M
     offs_r = r_chunk * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
+    rows = offs_m.to(tl.int64)[:, None] * stride_x
     k_begin = split * K_PER_SPLIT
     k_end = min(k_begin + K_PER_SPLIT, K)
     row_max = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -103,13 +106,13 @@ def _row_max_lowrank_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
-        x = _x_tile(x_ptr, tail_ptr, stride_x, stride_tail, K_HEAD, offs_m, offs_k, k0, mask_m[:, None] & mask_k[None, :])
+        x = tl.load(x_ptr + rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if ROW_MAX:
             if r_chunk == 0:
                 xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
                 row_max = _max_propagate_nan(row_max, tl.reduce(tl.abs(xs), 1, _max_propagate_nan))
         if HAS_LORA:
-            down = tl.load(down_ptr + offs_r[:, None] * K + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            down = tl.load(down_ptr + offs_r[:, None] * stride_down + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             acc = tl.dot(x.to(DOT_DTYPE), tl.trans(down.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
     if ROW_MAX:
         if r_chunk == 0:
@@ -315,7 +318,7 @@ def quantize_act_lowrank_down(
         config: launch shape of the quantizing launch (sweeps, tests); None uses ``default_quantize_config``.
         x_tail: [M, K2] of x2d's dtype, the columns after x2d's (rows may be strided). Read in place
             when K1 is a multiple of both launches' K tiles (so no tile straddles the two pieces);
-            otherwise the pieces are concatenated first.
+            otherwise the pieces are concatenated first. Launch 1 then runs once per piece.
 
     Returns:
         ``(act_q int8 [M, K], act_scales fp32 [M] or [M, K / group_size], lora_act [M, R] x.dtype)``.
@@ -341,7 +344,6 @@ def quantize_act_lowrank_down(
         return act_q, act_scales, torch.cat((lora_act, extra), dim=1)
     head = _unit_column_stride(x2d)
     tail = head if x_tail is None else _unit_column_stride(x_tail)
-    layout = (head.stride(0), tail.stride(0), head.shape[1])  # the kernels' stride_x, stride_tail, K_HEAD
     rank = lora_down.shape[0]
     device = x2d.device
     act_q = torch.empty((m, k), dtype=torch.int8, device=device)
@@ -349,28 +351,41 @@ def quantize_act_lowrank_down(
     lora_act = torch.empty((m, rank), dtype=x2d.dtype, device=device)
     if m == 0:
         return act_q, act_scales, lora_act
-    plan = _launch_plan(m, k, rank, two_level, cfg, sm_count(device))
+    sms = sm_count(device)
+    plan = _launch_plan(m, k, rank, two_level, cfg, sms)
     smooth = smooth_inv.float().contiguous()
+    lora_down = lora_down.contiguous()
 
-    # Launch 1: row maxima and low-rank partial sums, K sliced for about two programs per SM.
+    # Launch 1, once per piece of x: row maxima and low-rank partial sums, K sliced for about two
+    # programs per SM; the pieces' slices follow each other in the partial buffers. (One launch
+    # that picked each tile's piece, or swept both pieces in turn, gave wrong low-rank sums at
+    # some rank chunkings on an H100 with Triton 3.6; this loop is the one the GPU tests pass.)
+    pieces = [(head, 0)] if x_tail is None else [(head, 0), (tail, head.shape[1])]
+    piece_plans = [_launch_plan(m, piece.shape[1], rank, two_level, cfg, sms) for piece, _ in pieces]
+    stat_splits = sum(p.stat_splits for p in piece_plans)
     row_max, partials = act_scales, lora_act  # placeholders when launch 1 is skipped
     if two_level or rank:
-        row_max = torch.empty((plan.stat_splits, m), dtype=torch.float32, device=device) if two_level else act_scales
-        partials = torch.empty((plan.stat_splits, m, rank), dtype=torch.float32, device=device)
+        row_max = torch.empty((stat_splits, m), dtype=torch.float32, device=device) if two_level else act_scales
+        partials = torch.empty((stat_splits, m, rank), dtype=torch.float32, device=device)
         # 16-bit products are exact in fp32, so an fp32 dot computes the same sums; it is used for
         # mixed dtypes and under the CPU interpreter, whose bf16 dot is wrong (Triton 3.9 reads raw bits).
         dot_dtype = x2d.dtype if lora_down.dtype == x2d.dtype and x2d.is_cuda else torch.float32
-        _row_max_lowrank_kernel[(plan.stat_programs,)](
-            head, tail, smooth, lora_down.contiguous(), row_max, partials, m, k, rank, plan.stat_width, *layout,
-            ROW_MAX=two_level, HAS_LORA=rank > 0, R_CHUNKS=plan.r_chunks, K_SPLIT=plan.stat_splits,
-            DOT_DTYPE=_TORCH_TO_TL[dot_dtype], DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-            BLOCK_M=plan.stat_block_m, BLOCK_K=_STAT_BLOCK_K, BLOCK_R=plan.block_r, num_warps=4, num_stages=3,
-        )
+        first = 0
+        for (piece, col0), p in zip(pieces, piece_plans):
+            _row_max_lowrank_kernel[(p.stat_programs,)](
+                piece, smooth[col0:], lora_down[:, col0:], row_max[first:] if two_level else row_max, partials[first:],
+                m, piece.shape[1], rank, p.stat_width, piece.stride(0), lora_down.stride(0),
+                ROW_MAX=two_level, HAS_LORA=rank > 0, R_CHUNKS=p.r_chunks, K_SPLIT=p.stat_splits,
+                DOT_DTYPE=_TORCH_TO_TL[dot_dtype], DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+                BLOCK_M=p.stat_block_m, BLOCK_K=_STAT_BLOCK_K, BLOCK_R=p.block_r, num_warps=4, num_stages=3,
+            )
+            first += p.stat_splits
 
     # Launch 2: quantize in one sweep, adding up launch 1's partials.
     _quantize_kernel[(plan.quantize_programs,)](
-        head, tail, smooth, row_max, partials, act_q, act_scales, lora_act, m, k, rank, plan.quantize_width, *layout,
-        GROUP=group_size, TWO_LEVEL=two_level, HAS_LORA=rank > 0, STAT_SPLITS=plan.stat_splits,
+        head, tail, smooth, row_max, partials, act_q, act_scales, lora_act, m, k, rank, plan.quantize_width,
+        head.stride(0), tail.stride(0), head.shape[1],
+        GROUP=group_size, TWO_LEVEL=two_level, HAS_LORA=rank > 0, STAT_SPLITS=stat_splits,
         BLOCK_R=plan.block_r, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, K_SPLIT=plan.quantize_splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

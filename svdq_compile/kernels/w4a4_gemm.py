@@ -86,7 +86,7 @@ def _w4a4_gemm_kernel(
             w_ptrs += BLOCK_K
         if SPLIT_K == 1:
             out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
-            _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R, gelu_start, gelu_end,
+            _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
                       HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
         else:
             tile_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
@@ -99,7 +99,7 @@ def _w4a4_gemm_kernel(
                 acc = tl.atomic_xchg(ws_ptr + tile_offs, tl.zeros_like(acc), mask=tile_mask, sem="relaxed")
                 tl.atomic_xchg(count_ptr + pid, 0)  # leave the workspace clean for the next launch
                 out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
-                _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R, gelu_start, gelu_end,
+                _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
                           HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
     else:
         # Float group scales: BLOCK_K == GROUP, one exact int32 dot per group, rescaled in fp32.
@@ -114,7 +114,7 @@ def _w4a4_gemm_kernel(
             out += dot * sa[:, None] * sw[None, :]
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R, gelu_start, gelu_end,
+        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
                   HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
 
 
@@ -145,24 +145,26 @@ def _w4a4_gemm_persistent_kernel(
         rows_a = (offs_m % M).to(tl.int64)
         rows_w = (offs_n % N).to(tl.int64)
         out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
-        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R, gelu_start, gelu_end,
+        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
                   HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
 
 
 @triton.jit
 def _gelu_tanh(v):
-    """GELU, tanh approximation, in fp32: ``0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))`` with
-    ``tanh(u) = 1 - 2 / (exp(2u) + 1)`` (exact limits at large |u|, no overflow)."""
-    u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
-    return 0.5 * v * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    """GELU, tanh approximation, in fp32: ``0.5 v (1 + tanh(u)) = v / (1 + exp(-2u))`` with
+    ``u = sqrt(2/pi) (v + 0.044715 v^3)``. Few instructions (the epilogue of a persistent tile does
+    not overlap its main loop, so they cost GEMM time) and no cancellation: exact limits at large |v|."""
+    two_u = v * (1.5957691216057308 + 0.07135481627260025 * v * v)
+    return v / (1.0 + tl.exp(-two_u))
 
 
 @triton.jit
-def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, M, N, R, gelu_start, gelu_end,
+def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, tile_n, M, N, R, gelu_start, gelu_end,
               HAS_BIAS: tl.constexpr, GELU: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
               BLOCK_R: tl.constexpr):
     """out += lora_act @ lora_up^T (rank in chunks of BLOCK_R) + bias; GELU on the columns
-    gelu_start..gelu_end - 1 (when GELU); store as out's dtype."""
+    gelu_start..gelu_end - 1 (when GELU; tiles outside the range skip it); store as out's dtype.
+    ``tile_n`` is the tile's first column."""
     offs_r = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         r_ok = (r0 + offs_r) < R
@@ -172,7 +174,8 @@ def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, of
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows_w).to(tl.float32)[None, :]
     if GELU:
-        out = tl.where(((offs_n >= gelu_start) & (offs_n < gelu_end))[None, :], _gelu_tanh(out), out)
+        if (tile_n < gelu_end) & (tile_n + out.shape[1] > gelu_start):
+            out = tl.where(((offs_n >= gelu_start) & (offs_n < gelu_end))[None, :], _gelu_tanh(out), out)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
