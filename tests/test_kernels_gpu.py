@@ -180,22 +180,34 @@ def test_custom_op_two_pieces_and_gelu_on_cuda(m, two_level):
     """FLUX single blocks after the cat and GELU passes: proj_out reads the attention output and a
     column slice of the fused q/k/v/MLP output in place, and that GEMM applied GELU to its MLP
     columns (here a range with ends off the tile edges). Same result as the contiguous
-    concatenation and GELU afterwards (fp32 output)."""
+    concatenation and GELU afterwards (fp32 output), except that the low-rank partial sums are
+    sliced per piece, so they add up in another order."""
+    from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down
+
     gen = torch.Generator(device="cuda").manual_seed(seed("pieces", m, two_level))
     n, k = 3072, 15360
     x, weight_q, scales, smooth_inv, lora_down, lora_up, bias = _op_args((m,), n, k, 32, torch.float32, two_level, gen)
     fused_output = torch.cat((torch.randn(m, 9216, device="cuda"), x[:, 3072:]), 1)  # [M, 21504]
     head, tail = x[:, :3072].clone(), fused_output[:, 9216:]
     assert tail.stride() == (21504, 1)
+    whole_q, whole_scales, whole_lora = quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level)
+    act_q, act_scales, lora_act = quantize_act_lowrank_down(head, smooth_inv, lora_down, 64, two_level, x_tail=tail)
+    assert torch.equal(act_q, whole_q) and torch.equal(act_scales, whole_scales)
+    lora_bound = 2 * k * FP32_EPS * (x.abs() @ lora_down.abs().T)  # both orders against the exact sum
+    assert ((lora_act - whole_lora).abs() <= lora_bound).all()
     args = (weight_q, scales, smooth_inv, lora_down, lora_up, bias, 64)
     plain = torch.ops.svdq.w4a4_linear(x, *args)
-    assert torch.equal(torch.ops.svdq.w4a4_linear(head, *args, tail), plain)
+    pieces = torch.ops.svdq.w4a4_linear(head, *args, tail)
+    # the low-rank difference through lora_up, plus the epilogue's roundings of the rank-32 dot
+    # and of the sum, which differ with its inputs
+    bound = lora_bound @ lora_up.abs().T + 36 * FP32_EPS * (whole_lora.abs() @ lora_up.abs().T + plain.abs())
+    assert ((pieces - plain).abs() <= bound).all()
     gelu_out = torch.ops.svdq.w4a4_linear(head, *args, tail, 1000, 2900)
-    expected = plain.clone()
-    expected[:, 1000:2900] = torch.nn.functional.gelu(plain[:, 1000:2900], approximate="tanh")
+    expected = pieces.clone()
+    expected[:, 1000:2900] = torch.nn.functional.gelu(pieces[:, 1000:2900], approximate="tanh")
     # the kernel's exp-based tanh and torch's differ by a few fp32 roundings of |v|
-    assert ((gelu_out - expected).abs() <= 16 * FP32_EPS * plain.abs() + 1e-30).all()
-    assert torch.equal(gelu_out[:, :1000], plain[:, :1000]) and torch.equal(gelu_out[:, 2900:], plain[:, 2900:])
+    assert ((gelu_out - expected).abs() <= 16 * FP32_EPS * pieces.abs() + 1e-30).all()
+    assert torch.equal(gelu_out[:, :1000], pieces[:, :1000]) and torch.equal(gelu_out[:, 2900:], pieces[:, 2900:])
 
 
 @pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
