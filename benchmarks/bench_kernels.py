@@ -154,7 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON, log and PNG")
     parser.add_argument("--quick", action="store_true", help="two shapes only (a smoke test)")
-    parser.add_argument("--sweep", choices=["quantize", "gemm", "all"], help="first time launch configs one by one")
+    parser.add_argument("--sweep", choices=["quantize", "gemm", "fusions", "all"],
+                        help="first time launch configs one by one (quantize, gemm), or the GELU and cat folds against their unfolded form (fusions)")
     args = parser.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -170,6 +171,8 @@ def main() -> None:
         sweep_quantize(gen, bandwidth, l2_bytes)
     if args.sweep in ("gemm", "all"):
         sweep_configs(gen)
+    if args.sweep in ("fusions", "all"):
+        sweep_fusions(gen, l2_bytes)
     shapes = [(m, n, k) for (n, k) in NK_VALUES for m in M_VALUES]
     if args.quick:
         shapes = [(77, 3072, 3072), (4096, 12288, 3072)]
@@ -245,6 +248,46 @@ def sweep_configs(gen: torch.Generator) -> None:
             results.append(f"{2 * m * n * k / (ms * 1e-3) / 1e12:7.0f} TOPS {ms * 1e3:8.1f} us  {cfg}{verdict}")
         print(f"sweep {m}x{n}x{k}:\n  " + "\n  ".join(results), flush=True)
         del layer
+
+
+def sweep_fusions(gen: torch.Generator, l2_bytes: int) -> None:
+    """What the GELU and cat passes change, at FLUX's shapes (median us of CUDA-graph replays):
+
+    * GELU (tanh): the GEMM alone; the GEMM then ``F.gelu`` on its GELU columns (one elementwise
+      kernel, as Inductor runs it); the GEMM with GELU in its epilogue.
+    * proj_out's input: ``torch.cat`` of the attention output and the MLP piece, then the quantize
+      launches; the quantize launches reading both pieces in place.
+    """
+    gelu_shapes = [(4096, 12288, 3072, (0, 12288)), (512, 12288, 3072, (0, 12288)), (4608, 21504, 3072, (0, 12288))]
+    for m, n, k, (start, end) in gelu_shapes:
+        layer = build_layer(n, k, gen)
+        xs = [(torch.randn(m, k, generator=gen, device="cuda") * 3).bfloat16() for _ in range(4)]
+        pre = [quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, True) for x in xs]
+
+        def gemm(i, gelu=(0, 0)):
+            a_q, a_s, la = pre[i]
+            return w4a4_gemm(a_q, a_s, layer["wq2"], layer["ws2"], la, layer["lora_up"], layer["bias"], torch.bfloat16,
+                             gelu_start=gelu[0], gelu_end=gelu[1])
+
+        def gemm_then_gelu(i):
+            y = gemm(i)
+            y[:, start:end] = F.gelu(y[:, start:end], approximate="tanh")
+            return y
+
+        times = {name: time_rotating(lambda i, f=f: (lambda: f(i)), len(xs)) * 1e3
+                 for name, f in (("gemm", gemm), ("gemm + gelu kernel", gemm_then_gelu), ("gelu epilogue", lambda i: gemm(i, (start, end))))}
+        print(f"fusions GELU {m}x{n}x{k} cols {start}:{end}: " + ", ".join(f"{name} {us:.1f} us" for name, us in times.items()), flush=True)
+        del layer
+    m, k_head, k_tail = 4608, 3072, 12288
+    k = k_head + k_tail
+    smooth, down = torch.ones(k, device="cuda"), (torch.randn(RANK, k, generator=gen, device="cuda") / k**0.5).bfloat16()
+    copies = max(2, min(16, math.ceil(3 * l2_bytes / (m * k * 2))))
+    heads = [(torch.randn(m, k_head, generator=gen, device="cuda") * 3).bfloat16() for _ in range(copies)]
+    fused_outputs = [(torch.randn(m, 21504, generator=gen, device="cuda") * 3).bfloat16() for _ in range(copies)]
+    tails = [out[:, :k_tail] for out in fused_outputs]  # the MLP columns of the joint q/k/v/MLP output
+    cat_us = time_rotating(lambda i: (lambda: quantize_act_lowrank_down(torch.cat((heads[i], tails[i]), 1), smooth, down, GROUP, True)), copies) * 1e3
+    pieces_us = time_rotating(lambda i: (lambda: quantize_act_lowrank_down(heads[i], smooth, down, GROUP, True, x_tail=tails[i])), copies) * 1e3
+    print(f"fusions cat {m}x({k_head}+{k_tail}): cat + quantize {cat_us:.1f} us, two-piece quantize {pieces_us:.1f} us", flush=True)
 
 
 QUANTIZE_SWEEP = [(8, 512, 4, 3, 0), (4, 512, 4, 3, 0), (16, 256, 4, 4, 0), (8, 1024, 8, 3, 0), (4, 1024, 4, 3, 0), (2, 1024, 4, 3, 0), (16, 512, 8, 3, 0)]
