@@ -335,6 +335,31 @@ def test_gelu_pass_leaves_exact_gelu_and_shared_outputs_alone():
     assert GeluEpilogueFusionPass(None)(gm.graph) == 0
 
 
+def test_gelu_pass_sees_through_peft_result_cast():
+    """peft ends a LoRA layer with ``result.to(result_dtype)``; after LoRA fusion that cast sits
+    between the W4A4 op and GELU, and the GELU still folds (the cast stays, as the identity)."""
+    class UpGelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(128, 192), nn.Linear(192, 64)
+
+        def forward(self, x):
+            return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["up"], lora_dropout=0.0, init_lora_weights=False)
+    model = inject_adapter_in_model(cfg, UpGelu().eval(), adapter_name="a").eval()
+    x = with_outliers(4, 128)
+    folding = (LoraLinearFusionPass, LinearToW4A4Pass, GeluEpilogueFusionPass)
+    counts, out = run_pass_by_pass(model, x, passes=folding)
+    _, unfolded = run_pass_by_pass(model, x, passes=folding[:2])
+    gm, inputs = capture(model, x)
+    provider = AttrProvider(gm, inputs)
+    assert [cls(provider)(gm.graph) for cls in folding] == [1, 1, 1]
+    assert graph_counts(gm.graph)["gelu"] == 0
+    assert torch.equal(out, unfolded)
+
+
 def test_cat_pass_takes_only_two_pieces_along_the_features():
     class Cats(nn.Module):
         def __init__(self):

@@ -33,7 +33,9 @@ class GeluEpilogueFusionPass(SVDQPass):
         mlp, q, k, v = torch.split(y, [Nmlp, Nq, Nk, Nv], -1)
         h = mlp
 
-    The exact (erf) GELU is left alone: the epilogue computes the tanh approximation only.
+    A cast to the dtype ``y`` already has (peft casts a LoRA layer's result back to its dtype) may
+    sit between ``y`` and GELU; it stays, as the identity. The exact (erf) GELU is left alone: the
+    epilogue computes the tanh approximation only.
 
     Example:
         >>> g = fx.Graph(); x = g.placeholder("x")
@@ -48,7 +50,8 @@ class GeluEpilogueFusionPass(SVDQPass):
             if not _is_gelu_tanh(node):
                 continue
             source = node.args[0]
-            found = _w4a4_columns(source) if isinstance(source, fx.Node) and len(source.users) == 1 else None
+            single = isinstance(source, fx.Node) and len(source.users) == 1
+            found = _w4a4_columns(_through_noop_cast(source)) if single else None
             if found is None or found[0].kwargs.get("gelu_end", 0) > 0:
                 continue  # not a W4A4 output, or its op already applies GELU to other columns
             op, start, end = found
@@ -64,6 +67,18 @@ def _is_gelu_tanh(node: fx.Node) -> bool:
     if node.op != "call_function" or node.target not in _GELU_TARGETS or len(node.args) != 1:
         return False
     return node.kwargs.get("approximate", "none") == "tanh"
+
+
+def _through_noop_cast(node: fx.Node) -> fx.Node:
+    """``y`` when ``node`` is ``y.to(dtype)`` with ``y`` (read by nothing else) already of that
+    dtype, else ``node``."""
+    if node.op != "call_method" or node.target != "to" or len(node.args) != 2 or node.kwargs:
+        return node
+    source, dtype = node.args
+    value = source.meta.get("example_value", source.meta.get("val")) if isinstance(source, fx.Node) else None
+    if isinstance(value, torch.Tensor) and value.dtype == dtype and len(source.users) == 1:
+        return source
+    return node
 
 
 def _w4a4_columns(node: fx.Node) -> tuple[fx.Node, int, int] | None:
