@@ -290,6 +290,10 @@ def test_rank_above_256_is_split_off():
     ref_q, _, ref_lora = qk.quantize_act_lowrank_down_reference(x, torch.ones(64), lora_down, 64, True)
     assert torch.equal(act_q, ref_q) and lora_act.shape == (3, 264)
     assert ((lora_act - ref_lora).abs() <= 64 * FP32_EPS * (x.abs() @ lora_down.abs().T)).all()
+    wide, down = outlier_input(3, 256, torch.float32, gen), torch.randn(264, 256, generator=gen)  # and from two pieces
+    act_q, _, lora_act = qk.quantize_act_lowrank_down(wide[:, :128], torch.ones(256), down, 64, True, x_tail=wide[:, 128:])
+    ref_q, _, ref_lora = qk.quantize_act_lowrank_down_reference(wide, torch.ones(256), down, 64, True)
+    assert torch.equal(act_q, ref_q) and ((lora_act - ref_lora).abs() <= 2 * 256 * FP32_EPS * (wide.abs() @ down.abs().T)).all()
 
 
 def test_bad_arguments_name_the_fix():
@@ -303,3 +307,8 @@ def test_bad_arguments_name_the_fix():
         gk.w4a4_gemm(a, torch.ones(4), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8), torch.zeros(4, 0), torch.zeros(8, 0), None, torch.float32)
     with pytest.raises(ValueError, match="scales must be"):
         gk.w4a4_gemm(a, torch.ones(4, 3), torch.zeros(8, 128, dtype=torch.int8), torch.ones(8, 3), torch.zeros(4, 0), torch.zeros(8, 0), None, torch.float32)
+    with pytest.raises(ValueError, match="GELU columns"):
+        gk.w4a4_gemm(a, torch.ones(4), torch.zeros(8, 128, dtype=torch.int8), torch.ones(8), torch.zeros(4, 0), torch.zeros(8, 0), None, torch.float32,
+                     gelu_start=4, gelu_end=9)
+    with pytest.raises(ValueError, match="x_tail must be"):
+        qk.quantize_act_lowrank_down(x[:, :64], torch.ones(96), torch.zeros(0, 96), 32, True, x_tail=x[:3, 64:])
