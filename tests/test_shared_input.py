@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from test_backend import OPTIONS, CountW4A4, flux_inputs, flux_model, gen, outlier_input, rel_err, swap_to_quantized
-from test_passes import SharedInput
+from test_passes import SharedInput, SingleBlock
 
 import svdq_compile
 from svdq_compile import QuantizedLinear, SVDQuantConfig, load_quantized, save_quantized
 from svdq_compile import backend as svdq_backend
+from svdq_compile.passes.base import W4A4_OP
 
 CONFIG = SVDQuantConfig(**OPTIONS)
 
@@ -147,6 +148,29 @@ def test_inductor_pass_with_freezing_fuses_too():
     torch._dynamo.reset()
     assert counter.counts == [2]
     assert rel_err(out, ref) < 1e-5
+
+
+def test_inductor_pass_folds_gelu_and_cat_as_the_backend_does():
+    """A FLUX-single-block stand-in (q, k and the MLP input share x; tanh GELU; a cat feeding one
+    projection) through the Inductor pass with frozen weights: the same four W4A4 ops and the same
+    output as through the backend."""
+    torch.manual_seed(0)
+    model, x = SingleBlock().eval(), outlier_input(2, 5, 128)
+    backend_out, ops, summary = compile_and_count(copy.deepcopy(model), {"x": x}, free_weights=False)
+    assert ops == 4 and summary.rewrites["GeluEpilogueFusionPass"] == 2 and summary.rewrites["CatInputFusionPass"] == 1
+    compiled = []  # (W4A4 ops, GELUs, cats) of what Inductor compiles
+
+    def record(graph):
+        compiled.append(tuple(sum(1 for n in graph.nodes if n.target is t) for t in (W4A4_OP, torch.ops.aten.gelu.default, torch.ops.aten.cat.default)))
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(pre_grad_custom_pass=None, freezing=False, post_grad_custom_post_pass=record), torch.no_grad():
+        svdq_compile.register_inductor_pass(OPTIONS, freeze=True)
+        out = torch.compile(model)(x)
+        svdq_compile.unregister_inductor_pass()
+    torch._dynamo.reset()
+    assert compiled == [(4, 0, 0)]  # both GELUs in GEMM epilogues, no concatenation left
+    assert rel_err(out, backend_out) < 1e-5
 
 
 def test_flux_q_k_v_and_proj_mlp_fuse():
