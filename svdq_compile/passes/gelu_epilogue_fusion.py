@@ -87,11 +87,12 @@ def _w4a4_columns(node: fx.Node) -> tuple[fx.Node, int, int] | None:
     output's only reader); else None."""
     if is_w4a4(node):
         value = node.meta.get("example_value", node.meta.get("val"))
-        return (node, 0, value.shape[-1]) if isinstance(value, torch.Tensor) and value.dim() else None
+        width = value.shape[-1] if isinstance(value, torch.Tensor) and value.dim() else None
+        return (node, 0, width) if isinstance(width, int) else None
     if node.op != "call_function" or node.target is not operator.getitem:
         return None
     split, index = node.args
-    if split.op != "call_function" or split.target not in _SPLIT_TARGETS or not is_w4a4(split.args[0]) or len(split.args[0].users) != 1:
+    if not isinstance(split, fx.Node) or split.op != "call_function" or split.target not in _SPLIT_TARGETS or not is_w4a4(split.args[0]) or len(split.args[0].users) != 1:
         return None
     sizes = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size_or_sections")
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
