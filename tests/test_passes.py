@@ -367,7 +367,8 @@ def test_cat_pass_takes_only_two_pieces_along_the_features():
             self.rows, self.three = nn.Linear(64, 32), nn.Linear(192, 32)
 
         def forward(self, x):
-            return self.rows(torch.cat([x, x], dim=0)), self.three(torch.cat([x, x, x], dim=-1))
+            mixed = torch.cat([x[:, :32].half(), x[:, 32:]], dim=-1)  # fp16 and fp32 pieces: cat promotes to fp32
+            return self.rows(torch.cat([x, x], dim=0)), self.three(torch.cat([x, x, x], dim=-1)), self.rows(mixed)
 
     gm, inputs = capture(Cats().eval(), with_outliers(4, 64))
     LinearToW4A4Pass(AttrProvider(gm, inputs))(gm.graph)

@@ -25,7 +25,8 @@ class CatInputFusionPass(SVDQPass):
 
         y = svdq.w4a4_linear(attn, W_q, scales, smooth_inv, lora_down, lora_up, b, 64, x_tail=mlp)
 
-    Only a concatenation of two tensors along the last dim that nothing else reads is taken.
+    Only a concatenation of two tensors of one dtype (``cat`` would promote mixed ones) along the
+    last dim that nothing else reads is taken.
 
     Example:
         >>> g = fx.Graph(); a, b = g.placeholder("a"), g.placeholder("b")
@@ -50,18 +51,24 @@ class CatInputFusionPass(SVDQPass):
 
 
 def _last_dim_pair(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """``(a, b)`` when ``node`` is ``cat([a, b], dim)`` with dim the last one, else None."""
+    """``(a, b)`` when ``node`` is ``cat([a, b], dim)`` with dim the last one and a, b of one dtype
+    (known from their traced values), else None."""
     if node.op != "call_function" or node.target not in _CAT_TARGETS or not node.args:
         return None
     tensors = node.args[0]
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not all(isinstance(t, fx.Node) for t in tensors):
         return None
-    value = node.meta.get("example_value", node.meta.get("val"))
-    last = value.dim() - 1 if isinstance(value, torch.Tensor) else None
-    if dim != -1 and dim != last:
+    value, *pieces = (_traced(n) for n in (node, *tensors))
+    if not all(isinstance(v, torch.Tensor) for v in (value, *pieces)) or pieces[0].dtype != pieces[1].dtype:
+        return None
+    if dim not in (-1, value.dim() - 1):
         return None
     return tensors[0], tensors[1]
+
+
+def _traced(node: fx.Node) -> object:
+    return node.meta.get("example_value", node.meta.get("val"))
 
 
 __all__ = ["CatInputFusionPass"]
