@@ -134,6 +134,34 @@ def emit_w4a4(graph: fx.Graph, x: fx.Node, quant: QuantizedNodes, bias: fx.Node 
     return graph.call_function(W4A4_OP, args)
 
 
+def traced_value(node: object) -> object:
+    """The value Dynamo (``example_value``) or AOT tracing (``val``) recorded for a graph node, else
+    None (hand-built graphs, non-node arguments).
+
+    Example:
+        >>> g = fx.Graph(); x = g.placeholder("x"); x.meta["val"] = torch.zeros(2)
+        >>> traced_value(x).shape, traced_value(3)
+        (torch.Size([2]), None)
+    """
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def cast_dtype(node: fx.Node) -> torch.dtype | None:
+    """The dtype of a ``y.to(dtype)`` call node (dtype alone, positional or keyword), else None.
+
+    Example:
+        >>> g = fx.Graph(); y = g.placeholder("y")
+        >>> cast_dtype(g.call_method("to", (y, torch.float32))), cast_dtype(y)
+        (torch.float32, None)
+    """
+    if node.op != "call_method" or node.target != "to" or not node.args:
+        return None
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    return rest[0] if len(rest) == 1 and isinstance(rest[0], torch.dtype) else None
+
+
 def copy_meta(old: fx.Node, new: fx.Node) -> None:
     """Give ``new`` the output metadata of the node it replaces (same value, so same fake tensor)."""
     new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "val", "tensor_meta", "nn_module_stack", "stack_trace")})
@@ -172,4 +200,4 @@ def count_linears(graph: fx.Graph) -> int:
     return sum(1 for n in graph.nodes if linear_parts(n) is not None)
 
 
-__all__ = ["SVDQPass", "WeightProvider", "QuantizedNodes", "W4A4_OP", "linear_parts", "emit_w4a4", "copy_meta", "count_w4a4", "count_linears", "is_w4a4", "shared_input_groups", "is_add", "is_mul"]
+__all__ = ["SVDQPass", "WeightProvider", "QuantizedNodes", "W4A4_OP", "linear_parts", "emit_w4a4", "copy_meta", "count_w4a4", "count_linears", "is_w4a4", "traced_value", "cast_dtype", "shared_input_groups", "is_add", "is_mul"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .base import SVDQPass, is_w4a4
+from .base import SVDQPass, is_w4a4, traced_value
 
 _CAT_TARGETS = (torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
 
@@ -59,16 +59,12 @@ def _last_dim_pair(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not all(isinstance(t, fx.Node) for t in tensors):
         return None
-    value, *pieces = (_traced(n) for n in (node, *tensors))
+    value, *pieces = (traced_value(n) for n in (node, *tensors))
     if not all(isinstance(v, torch.Tensor) for v in (value, *pieces)) or pieces[0].dtype != pieces[1].dtype:
         return None
     if dim not in (-1, value.dim() - 1):
         return None
     return tensors[0], tensors[1]
-
-
-def _traced(node: fx.Node) -> object:
-    return node.meta.get("example_value", node.meta.get("val"))
 
 
 __all__ = ["CatInputFusionPass"]

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 from torch.nn import functional as F
 
-from .base import SVDQPass, is_w4a4
+from .base import SVDQPass, cast_dtype, is_w4a4, traced_value
 
 _GELU_TARGETS = (F.gelu, torch._C._nn.gelu, torch.ops.aten.gelu.default)
 _SPLIT_TARGETS = (torch.split, torch.functional.split, torch.Tensor.split)
@@ -72,10 +72,9 @@ def _is_gelu_tanh(node: fx.Node) -> bool:
 def _through_noop_cast(node: fx.Node) -> fx.Node:
     """``y`` when ``node`` is ``y.to(dtype)`` with ``y`` (read by nothing else) already of that
     dtype, else ``node``."""
-    if node.op != "call_method" or node.target != "to" or len(node.args) != 2 or node.kwargs:
-        return node
-    source, dtype = node.args
-    value = source.meta.get("example_value", source.meta.get("val")) if isinstance(source, fx.Node) else None
+    dtype = cast_dtype(node)
+    source = node.args[0] if dtype is not None else None
+    value = traced_value(source)
     if isinstance(value, torch.Tensor) and value.dtype == dtype and len(source.users) == 1:
         return source
     return node
@@ -86,7 +85,7 @@ def _w4a4_columns(node: fx.Node) -> tuple[fx.Node, int, int] | None:
     from the traced value) or a piece of that output split along the last dim (the split being the
     output's only reader); else None."""
     if is_w4a4(node):
-        value = node.meta.get("example_value", node.meta.get("val"))
+        value = traced_value(node)
         width = value.shape[-1] if isinstance(value, torch.Tensor) and value.dim() else None
         return (node, 0, width) if isinstance(width, int) else None
     if node.op != "call_function" or node.target is not operator.getitem:

@@ -10,7 +10,7 @@ from torch import fx
 from torch.nn import functional as F
 
 from ..lora import MAX_FUSED_RANK, prepare_lora_layers
-from .base import SVDQPass, copy_meta, emit_w4a4, is_add, is_mul, linear_parts
+from .base import SVDQPass, cast_dtype, copy_meta, emit_w4a4, is_add, is_mul, linear_parts, traced_value
 
 log = logging.getLogger("svdq_compile")
 
@@ -127,7 +127,7 @@ def _prepare_pending(_args: object = None) -> None:
 def _rank(factor: fx.Node) -> int:
     """Rows of a low-rank down factor ([R, K]) from its traced example value (0 when the graph
     carries no values, as in hand-built graphs: the rank limit then cannot apply)."""
-    value = factor.meta.get("example_value", factor.meta.get("val"))
+    value = traced_value(factor)
     return int(value.shape[0]) if isinstance(value, torch.Tensor) else 0
 
 
@@ -211,10 +211,7 @@ def _match_adapter(node: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node, object]
 
 def _is_cast_of(node: fx.Node, x: fx.Node) -> bool:
     """``x.to(dtype)``: peft casts the input to the adapter's dtype (fp32 adapters on a bf16 model)."""
-    if node.op != "call_method" or node.target != "to" or not node.args or node.args[0] is not x:
-        return False
-    rest = list(node.args[1:]) + list(node.kwargs.values())
-    return len(rest) == 1 and isinstance(rest[0], torch.dtype)
+    return cast_dtype(node) is not None and node.args[0] is x
 
 
 def _is_eval_dropout(node: fx.Node) -> bool:

@@ -7,7 +7,7 @@ import operator
 import torch
 from torch import fx
 
-from .base import SVDQPass, copy_meta, emit_w4a4, linear_parts, shared_input_groups
+from .base import SVDQPass, copy_meta, emit_w4a4, linear_parts, shared_input_groups, traced_value
 
 
 class SharedInputFusionPass(SVDQPass):
@@ -98,7 +98,7 @@ def _hoist_before(anchor: fx.Node, nodes: list[fx.Node]) -> bool:
 
 def _shape(node: fx.Node) -> torch.Size | None:
     """Shape of a weight node: its traced value, or the module attribute a ``get_attr`` reads."""
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = traced_value(node)
     if value is None and node.op == "get_attr" and node.graph.owning_module is not None:
         value = node.graph.owning_module
         for part in str(node.target).split("."):
