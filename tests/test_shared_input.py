@@ -136,16 +136,23 @@ def test_disk_cache_keys_the_concatenated_weight(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_inductor_pass_with_freezing_fuses_too():
-    model, x = qkv_model(), outlier_input(3, 128)
-    ref = joint_reference(model, x)
-    counter = CountW4A4()
+def compile_with_inductor_pass(model: nn.Module, x: torch.Tensor, post_grad_pass) -> torch.Tensor:
+    """``model(x)`` compiled by plain torch.compile with the svdquant Inductor pass registered
+    (frozen weights); ``post_grad_pass`` sees what Inductor compiles."""
     torch._dynamo.reset()
-    with torch._inductor.config.patch(pre_grad_custom_pass=None, freezing=False, post_grad_custom_post_pass=counter), torch.no_grad():
+    with torch._inductor.config.patch(pre_grad_custom_pass=None, freezing=False, post_grad_custom_post_pass=post_grad_pass), torch.no_grad():
         svdq_compile.register_inductor_pass(OPTIONS, freeze=True)
         out = torch.compile(model)(x)
         svdq_compile.unregister_inductor_pass()
     torch._dynamo.reset()
+    return out
+
+
+def test_inductor_pass_with_freezing_fuses_too():
+    model, x = qkv_model(), outlier_input(3, 128)
+    ref = joint_reference(model, x)
+    counter = CountW4A4()
+    out = compile_with_inductor_pass(model, x, counter)
     assert counter.counts == [2]
     assert rel_err(out, ref) < 1e-5
 
@@ -163,12 +170,7 @@ def test_inductor_pass_folds_gelu_and_cat_as_the_backend_does():
     def record(graph):
         compiled.append(tuple(sum(1 for n in graph.nodes if n.target is t) for t in (W4A4_OP, torch.ops.aten.gelu.default, torch.ops.aten.cat.default)))
 
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(pre_grad_custom_pass=None, freezing=False, post_grad_custom_post_pass=record), torch.no_grad():
-        svdq_compile.register_inductor_pass(OPTIONS, freeze=True)
-        out = torch.compile(model)(x)
-        svdq_compile.unregister_inductor_pass()
-    torch._dynamo.reset()
+    out = compile_with_inductor_pass(model, x, record)
     assert compiled == [(4, 0, 0)]  # both GELUs in GEMM epilogues, no concatenation left
     assert rel_err(out, backend_out) < 1e-5
 
