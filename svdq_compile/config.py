@@ -60,7 +60,7 @@ class SVDQuantConfig:
             W4A4 op, so the input is quantized once (else one op, and one quantization, per linear).
         quantize_linear: backend pass flag: rewrite every eligible linear into the W4A4 op.
         fuse_gelu: backend pass flag: a tanh-approximated GELU that reads a W4A4 op's output (or
-            the last piece of a fused op's output) runs in that op's GEMM epilogue.
+            one piece of a fused op's split output) runs in that op's GEMM epilogue.
         fuse_cat_input: backend pass flag: a W4A4 op whose input is a concatenation of two tensors
             along the features reads both pieces in place (FLUX single blocks' ``proj_out``).
         free_weights: after the first compiled call, release the storage of the 16-bit weights the
