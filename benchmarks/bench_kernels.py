@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two shapes only (a smoke test)")
     parser.add_argument("--sweep", choices=["quantize", "gemm", "fusions", "all"],
                         help="first time launch configs one by one (quantize, gemm), or the GELU and cat folds against their unfolded form (fusions)")
+    parser.add_argument("--shapes", nargs="+", metavar="MxNxK", help="GEMM shapes of the gemm sweep (default: FLUX's)")
     args = parser.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -170,7 +171,7 @@ def main() -> None:
     if args.sweep in ("quantize", "all"):
         sweep_quantize(gen, bandwidth, l2_bytes)
     if args.sweep in ("gemm", "all"):
-        sweep_configs(gen)
+        sweep_configs(gen, [tuple(map(int, shape.split("x"))) for shape in args.shapes] if args.shapes else SWEEP_SHAPES)
     if args.sweep in ("fusions", "all"):
         sweep_fusions(gen, l2_bytes)
     shapes = [(m, n, k) for (n, k) in NK_VALUES for m in M_VALUES]
@@ -212,7 +213,6 @@ def main() -> None:
 SWEEP_SHAPES = [(4096, 12288, 3072), (4608, 3072, 3072), (4096, 3072, 12288), (4608, 21504, 3072), (4608, 3072, 15360), (512, 3072, 3072), (256, 3072, 15360), (77, 12288, 3072), (1, 3072, 15360)]
 SWEEP_EXTRA = [
     gemm_module.GemmConfig(128, 256, 128, 1, 8, 4, group_m=16),
-    gemm_module.GemmConfig(128, 128, 256, 1, 8, 3),
     gemm_module.GemmConfig(256, 128, 128, 1, 8, 4),
     gemm_module.GemmConfig(128, 256, 64, 1, 8, 5),
     gemm_module.GemmConfig(64, 256, 128, 1, 4, 4),
@@ -228,9 +228,9 @@ SWEEP_EXTRA = [
 ]
 
 
-def sweep_configs(gen: torch.Generator) -> None:
+def sweep_configs(gen: torch.Generator, shapes: list[tuple[int, int, int]]) -> None:
     """TOPS of w4a4_gemm (two-level, rank 32, bias) for every candidate and some extra tile configs."""
-    for m, n, k in SWEEP_SHAPES:
+    for m, n, k in shapes:
         layer = build_layer(n, k, gen)
         x = (torch.randn(m, k, generator=gen, device="cuda") * 3).bfloat16()
         a_q, a_s, la = quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, True)

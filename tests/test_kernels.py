@@ -215,26 +215,41 @@ def test_w4a4_gemm_matches_reference(dtype, two_level, rank, with_bias):
     "config",
     [gk.GemmConfig(16, 32, 128, 1, 4, 2), gk.GemmConfig(16, 32, 128, 2, 4, 2), gk.GemmConfig(32, 64, 64, 4, 4, 2),
      gk.GemmConfig(16, 16, 64, 8, 4, 2, group_m=2), gk.GemmConfig(64, 32, 128, 1, 4, 2, group_m=1),
-     gk.GemmConfig(16, 32, 128, 1, 4, 2, group_m=2, persistent=True), gk.GemmConfig(32, 16, 64, 1, 4, 2, persistent=True)],
-    ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}g{c.group_m}" + ("p" if c.persistent else ""),
+     gk.GemmConfig(16, 32, 128, 1, 4, 2, group_m=2, persistent=True), gk.GemmConfig(32, 16, 64, 1, 4, 2, persistent=True),
+     gk.GemmConfig(16, 32, 128, 1, 4, 2, persistent=True, split_tail=True), gk.GemmConfig(32, 32, 64, 1, 4, 2, group_m=2, persistent=True, split_tail=True)],
+    ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}g{c.group_m}" + ("p" if c.persistent else "") + ("t" if c.split_tail else ""),
 )
 def test_w4a4_gemm_tile_configs(config):
-    """Split-K (more splits than K tiles included), masked K tails, tile groups, odd M and N, and the
+    """Split-K (more splits than K tiles included), masked K tails, tile groups, odd M and N, the
     persistent kernel (more tiles than programs, so each program walks several; TMA zero-fill past
-    M, N and K)."""
+    M, N and K), and its split tail (9 or 6 tiles on the interpreter's 4 programs leave a last wave
+    of 1 or 2 tiles, split 3 or 2 ways along K, the second with a masked K tail)."""
     gen = torch.Generator().manual_seed(config.block_m * 1000 + config.split_k)
     args = _gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, True, gen)
+    if config.split_tail:
+        tiles = -(-45 // config.block_m) * -(-83 // config.block_n)
+        assert gk._tail_split(tiles, min(4, tiles), -(-320 // config.block_k))[1] > 1
     ref, bound = gemm_bound(args, torch.bfloat16)
     for _ in range(2):  # the second launch checks that split-K left its workspace clean
         out = gk.w4a4_gemm(*args, torch.bfloat16, config=config)
         assert ((out.float() - ref).abs() <= bound).all()
 
 
+@pytest.mark.parametrize(
+    "tiles,programs,k_tiles,expected",
+    [(432, 132, 120, (396, 3)), (432, 132, 2, (396, 2)), (384, 132, 96, (384, 1)), (264, 132, 24, (264, 1)),
+     (133, 132, 24, (132, 8)), (100, 100, 24, (100, 1))],
+)
+def test_tail_split_only_where_the_last_wave_is_at_most_half_full(tiles, programs, k_tiles, expected):
+    assert gk._tail_split(tiles, programs, k_tiles) == expected
+
+
 @pytest.mark.parametrize("gelu_columns", [(0, 83), (37, 60), (0, 16)], ids=str)
 @pytest.mark.parametrize(
     "config",
-    [gk.GemmConfig(16, 32, 128, 1, 4, 2), gk.GemmConfig(16, 32, 128, 2, 4, 2), gk.GemmConfig(32, 16, 64, 1, 4, 2, persistent=True)],
-    ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.split_k}" + ("p" if c.persistent else ""),
+    [gk.GemmConfig(16, 32, 128, 1, 4, 2), gk.GemmConfig(16, 32, 128, 2, 4, 2), gk.GemmConfig(32, 16, 64, 1, 4, 2, persistent=True),
+     gk.GemmConfig(16, 32, 128, 1, 4, 2, persistent=True, split_tail=True)],
+    ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.split_k}" + ("p" if c.persistent else "") + ("t" if c.split_tail else ""),
 )
 def test_w4a4_gemm_gelu_epilogue(config, gelu_columns):
     """GELU (tanh) on all output columns, or on a range whose ends are not tile edges: the same as

@@ -13,13 +13,14 @@
   adds about 50 us to a 4096 x 12288 x 3072 GEMM on an H100, against 130 us for that pass
   (KERNEL_NOTES.md, v8).
 
-Large M may run persistent (one program per SM walking the tiles, TMA loads). Small M is
-memory-bound on the weight: those configs use small M tiles, more programs along N and,
-for the two-level format, split-K. Split-K partial sums are int32 and added with integer atomics
-into a self-cleaning workspace (exact, so the result does not depend on the order); the last
-program of a tile (a per-tile counter) reads the sum back, zeroing the workspace as it goes, and
-runs the epilogue. The best config per (format, M bucket, N, K, rank chunks, dtype) is measured on
-the first call and cached.
+Large M may run persistent (one program per SM walking the tiles, TMA loads), optionally leaving
+a last wave that would fill at most half the SMs to a split-K launch. Small M is memory-bound on
+the weight: those configs use small M tiles, more programs along N and, for the two-level format,
+split-K. Each split stores its int32 partial sums in its own workspace slice; the last split of a
+tile to arrive (a per-tile counter) adds the others to its own (exact integers, so the result does
+not depend on the order) and runs the epilogue. Plain stores, not atomics: integer atomics on whole
+tiles cost more than the split saved (KERNEL_NOTES.md, v9). The best config per (format, M bucket,
+N, K, rank chunks, dtype) is measured on the first call and cached.
 """
 
 from __future__ import annotations
@@ -50,14 +51,16 @@ def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _w4a4_gemm_kernel(
     a_ptr, sa_ptr, w_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
-    M, N, K, R, gelu_start, gelu_end,
+    M, N, K, R, gelu_start, gelu_end, first_tile,
     TWO_LEVEL: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr,
     LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # the output tile; its split-K counter is count_ptr[pid]
-    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # Output tile first_tile + pid (a persistent launch may have done the tiles before it); its
+    # split-K partial sums and counter are the pid-th of the workspace.
+    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_tile(first_tile + pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,15 +94,21 @@ def _w4a4_gemm_kernel(
             _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
                       HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
         else:
-            tile_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tile_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-            tl.atomic_add(ws_ptr + tile_offs, acc, mask=tile_mask, sem="relaxed")
-            tl.debug_barrier()  # every thread's partial sums are issued before the counter moves
+            # Each split stores its partial sums in its own slice of the tile's workspace (rows and
+            # columns past M and N hold sums of valid rows, never stored: no masks); the split that
+            # arrives last adds up all slices (exact integer sums) and finishes the tile.
+            tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
+            in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            tile_ws = ws_ptr + pid.to(tl.int64) * (SPLIT_K * tile_elems) + in_tile
+            tl.store(tile_ws + tl.program_id(1) * tile_elems, acc)
+            tl.debug_barrier()  # every thread's partial sums are stored before the counter moves
             arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:  # the last split of this tile finishes it
+            if arrived == SPLIT_K - 1:
                 tl.debug_barrier()
-                acc = tl.atomic_xchg(ws_ptr + tile_offs, tl.zeros_like(acc), mask=tile_mask, sem="relaxed")
-                tl.atomic_xchg(count_ptr + pid, 0)  # leave the workspace clean for the next launch
+                acc = tl.zeros_like(acc)
+                for other in tl.static_range(SPLIT_K):  # unrolled: the loads are issued together
+                    acc += tl.load(tile_ws + other * tile_elems, cache_modifier=".cg")  # from L2, not L1
+                tl.atomic_xchg(count_ptr + pid, 0)  # leave the counters zeroed for the next launch
                 out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
                 _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
                           HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
@@ -123,19 +132,19 @@ def _w4a4_gemm_kernel(
 @triton.jit
 def _w4a4_gemm_persistent_kernel(
     a_desc, w_desc, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
-    M, N, K, R, gelu_start, gelu_end,
+    M, N, K, R, gelu_start, gelu_end, num_tiles,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
-    """Two-level scales, large M: one program per SM walks the output tiles (grouped order), loading
-    the int8 operands through TMA descriptors (zero-filled past M, N and K, so no masks or address
-    arithmetic in the K loop); the flattened loop lets the next tile's loads start during the
-    current tile's epilogue."""
+    """Two-level scales, large M: one program per SM walks the first ``num_tiles`` output tiles
+    (grouped order), loading the int8 operands through TMA descriptors (zero-filled past M, N and K,
+    so no masks or address arithmetic in the K loop); the flattened loop lets the next tile's loads
+    start during the current tile's epilogue."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for kt in range(0, k_tiles):
@@ -199,6 +208,9 @@ class GemmConfig:
     num_stages: int
     group_m: int = 8
     persistent: bool = False  # two-level, split_k 1: one program per SM over all tiles, TMA loads
+    # persistent only: when the tiles leave a last wave that fills less than half the SMs, the
+    # persistent launch stops at the full waves and the last wave's tiles run split along K.
+    split_tail: bool = False
 
 
 def _candidate_configs(m: int, two_level: bool, group_size: int) -> list[GemmConfig]:
@@ -223,8 +235,11 @@ def _candidate_configs(m: int, two_level: bool, group_size: int) -> list[GemmCon
         GemmConfig(256, 128, 128, 1, 8, 3),
         GemmConfig(128, 128, 128, 1, 8, 4),
         GemmConfig(128, 128, 128, 1, 4, 4),
+        GemmConfig(128, 128, 256, 1, 8, 3),
         GemmConfig(128, 256, 128, 1, 8, 4, persistent=True),
         GemmConfig(256, 128, 128, 1, 8, 3, persistent=True),
+        GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, split_tail=True),
+        GemmConfig(256, 128, 128, 1, 8, 3, persistent=True, split_tail=True),
     ]
 
 
@@ -237,10 +252,11 @@ _tuned: dict[tuple, GemmConfig] = {}
 
 
 def _split_k_workspace(device: torch.device, elems: int, tiles: int) -> tuple[Tensor, Tensor]:
-    """Zeroed int32 partial sums and per-tile counters; every launch leaves them zeroed again."""
+    """int32 partial sums (each launch writes those it reads) and zeroed per-tile counters (each
+    launch leaves them zeroed again)."""
     ws, counts = _workspaces.get(device, (None, None))
     if ws is None or ws.numel() < elems or counts.numel() < tiles:
-        ws = torch.zeros(max(elems, 0 if ws is None else ws.numel()), dtype=torch.int32, device=device)
+        ws = torch.empty(max(elems, 0 if ws is None else ws.numel()), dtype=torch.int32, device=device)
         counts = torch.zeros(max(tiles, 0 if counts is None else counts.numel()), dtype=torch.int32, device=device)
         _workspaces[device] = (ws, counts)
     return ws, counts
@@ -273,31 +289,49 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
     two_level = group == 0
     block_r = 16 if rank <= 16 else (32 if rank <= 32 else 64)
     lora_tl, lora_precision = _TORCH_TO_TL[lora_dtype], "ieee" if lora_dtype == torch.float32 else "tf32"
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    first_tile, split_k = 0, cfg.split_k if two_level else 1
     if cfg.persistent and two_level:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, out = args
-        programs = min(sm_count(act_q.device), triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n))
+        programs = min(sm_count(act_q.device), tiles)
+        first_tile, split_k = _tail_split(tiles, programs, triton.cdiv(k, cfg.block_k)) if cfg.split_tail else (tiles, 1)
         _w4a4_gemm_persistent_kernel[(programs,)](
             TensorDescriptor.from_tensor(act_q, [cfg.block_m, cfg.block_k]), TensorDescriptor.from_tensor(weight_q, [cfg.block_n, cfg.block_k]),
-            act_scales, weight_scales, lora_act, lora_up, bias, out, m, n, k, rank, *gelu,
+            act_scales, weight_scales, lora_act, lora_up, bias, out, m, n, k, rank, *gelu, first_tile,
             HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
             GROUP_M=cfg.group_m, NUM_PROGRAMS=programs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        return
-    split_k = cfg.split_k if two_level else 1
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    ws, counts = _split_k_workspace(args[0].device, m * n, tiles) if split_k > 1 else (args[0], args[0])
+        if first_tile == tiles:
+            return
+    ws, counts = _split_k_workspace(args[0].device, (tiles - first_tile) * split_k * cfg.block_m * cfg.block_n, tiles - first_tile) if split_k > 1 else (args[0], args[0])
     block_k = cfg.block_k if two_level else group
-    _w4a4_gemm_kernel[(tiles, split_k)](
-        *args, ws, counts, m, n, k, rank, *gelu,
+    _w4a4_gemm_kernel[(tiles - first_tile, split_k)](
+        *args, ws, counts, m, n, k, rank, *gelu, first_tile,
         TWO_LEVEL=two_level, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(group, 1),
         LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         GROUP_M=cfg.group_m, SPLIT_K=split_k, EVEN_K=k % (block_k * split_k) == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def _tail_split(tiles: int, programs: int, k_tiles: int) -> tuple[int, int]:
+    """``(full, split)``: a persistent launch does the tiles of the full waves, ``tiles[:full]``;
+    the rest, a last wave of at most ``programs / 2`` tiles, run split ``split`` ways along K, so
+    that they occupy most SMs instead of leaving them idle (FLUX's M = 4608, N = 3072 GEMMs:
+    432 tiles on 132 SMs leave 36). ``(tiles, 1)`` where splitting would not help.
+
+    Example:
+        >>> _tail_split(432, 132, 120)
+        (396, 3)
+    """
+    full = tiles // programs * programs
+    tail = tiles - full
+    split = min(programs // tail, k_tiles, 8) if tail else 1
+    return (full, split) if split > 1 else (tiles, 1)
 
 
 def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, gelu: tuple[int, int], lora_dtype: torch.dtype) -> GemmConfig:
