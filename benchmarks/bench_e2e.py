@@ -19,7 +19,8 @@ time is cold, memory is the configuration's own, and the disk cache is the only 
   the backend's defaults, which replay each block's calls as CUDA graphs (``cuda_graphs``).
 
 Compiled configurations use diffusers' regional compilation (``compile_repeated_blocks``), what
-users take for fast cold starts. Per configuration: median forward latency (CUDA events, warmed up),
+users take for fast cold starts, except the "whole model" ones: ``torch.compile(model, fullgraph=True)``,
+one graph for the whole forward (for svdquant: one CUDA graph per forward instead of one per block). Per configuration: median forward latency (CUDA events, warmed up),
 peak memory, weight memory, compile time (first call, quantization included), and for the quantized
 ones the median and max per-layer relative output error against bf16 on real inputs of the first
 double and single block (per layer, not end to end: deep random networks amplify any error).
@@ -41,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 CONFIGS = ["bf16 eager", "bf16 inductor", "fp8 rowwise", "int4 weight-only", "svdquant", "svdquant warm", "svdquant + LoRA",
-           "svdquant packed", "bf16 inductor + CUDA graph", "svdquant + CUDA graph", "svdquant + LoRA + CUDA graph"]
+           "svdquant packed", "bf16 inductor + CUDA graph", "svdquant + CUDA graph", "svdquant + LoRA + CUDA graph",
+           "bf16 inductor whole model", "svdquant whole model"]
 TEXT_TOKENS = 512
 GROUP = 64
 
@@ -244,7 +246,11 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         add_lora(model, 32)
     if name in ("fp8 rowwise", "int4 weight-only"):
         swap_block_linears(model, quantizers[name])
-    if name in ("bf16 inductor", "bf16 inductor + CUDA graph", "fp8 rowwise", "int4 weight-only"):
+    if name == "bf16 inductor whole model":
+        model = torch.compile(model, fullgraph=True)
+    elif name == "svdquant whole model":
+        model = torch.compile(model, backend="svdquant", fullgraph=True, options=svdq_options)
+    elif name in ("bf16 inductor", "bf16 inductor + CUDA graph", "fp8 rowwise", "int4 weight-only"):
         model.compile_repeated_blocks(fullgraph=True)
     elif name == "svdquant packed":
         model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options | {"packed_weights": True})
