@@ -327,3 +327,21 @@ def test_bad_arguments_name_the_fix():
                      gelu_start=4, gelu_end=9)
     with pytest.raises(ValueError, match="x_tail must be"):
         qk.quantize_act_lowrank_down(x[:, :64], torch.ones(96), torch.zeros(0, 96), 32, True, x_tail=x[:3, 64:])
+
+
+def test_split_k_workspace_grows_without_freeing_what_graphs_captured():
+    """A CUDA graph captured with a workspace keeps using its address: growing must not free it."""
+    device = torch.device("cpu")
+    saved = gk._workspaces.pop(device, None)
+    try:
+        ws, counts = gk._split_k_workspace(device, 100, 4)
+        assert ws.numel() >= 100 and counts.numel() >= 4 and not counts.any()
+        same = gk._split_k_workspace(device, 50, 2)
+        assert same[0] is ws and same[1] is counts
+        bigger_ws, bigger_counts = gk._split_k_workspace(device, 150, 9)
+        assert bigger_ws.numel() >= 200 and bigger_counts.numel() >= 9 and not bigger_counts.any()
+        assert any(t is ws for t in gk._outgrown) and any(t is counts for t in gk._outgrown)
+    finally:
+        gk._workspaces.pop(device, None)
+        if saved is not None:
+            gk._workspaces[device] = saved

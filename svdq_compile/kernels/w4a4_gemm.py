@@ -17,8 +17,8 @@ Large M may run persistent (one program per SM walking the tiles, TMA loads), op
 a last wave that would fill at most half the SMs to a split-K launch. Small M is memory-bound on
 the weight: those configs use small M tiles, more programs along N and, for the two-level format,
 split-K. Each split stores its int32 partial sums in its own workspace slice; the last split of a
-tile to arrive (a per-tile counter) adds the others to its own (exact integers, so the result does
-not depend on the order) and runs the epilogue. Plain stores, not atomics: integer atomics on whole
+tile to arrive (a per-tile counter) adds up all slices (exact integers, so the result does not
+depend on the order) and runs the epilogue. Plain stores, not atomics: integer atomics on whole
 tiles cost more than the split saved (KERNEL_NOTES.md, v9). The best config per (format, M bucket,
 N, K, rank chunks, dtype) is measured on the first call and cached.
 """
@@ -208,7 +208,7 @@ class GemmConfig:
     num_stages: int
     group_m: int = 8
     persistent: bool = False  # two-level, split_k 1: one program per SM over all tiles, TMA loads
-    # persistent only: when the tiles leave a last wave that fills less than half the SMs, the
+    # persistent only: when the tiles leave a last wave that fills at most half the SMs, the
     # persistent launch stops at the full waves and the last wave's tiles run split along K.
     split_tail: bool = False
 
@@ -248,6 +248,8 @@ def _m_bucket(m: int) -> int:
 
 
 _workspaces: dict[torch.device, tuple[Tensor, Tensor]] = {}
+# Workspaces replaced by larger ones stay allocated: CUDA graphs captured with them still use them.
+_outgrown: list[Tensor] = []
 _tuned: dict[tuple, GemmConfig] = {}
 
 
@@ -255,10 +257,17 @@ def _split_k_workspace(device: torch.device, elems: int, tiles: int) -> tuple[Te
     """int32 partial sums (each launch writes those it reads) and zeroed per-tile counters (each
     launch leaves them zeroed again)."""
     ws, counts = _workspaces.get(device, (None, None))
-    if ws is None or ws.numel() < elems or counts.numel() < tiles:
-        ws = torch.empty(max(elems, 0 if ws is None else ws.numel()), dtype=torch.int32, device=device)
-        counts = torch.zeros(max(tiles, 0 if counts is None else counts.numel()), dtype=torch.int32, device=device)
-        _workspaces[device] = (ws, counts)
+    if ws is None or ws.numel() < elems:
+        if ws is not None:
+            _outgrown.append(ws)
+            elems = max(elems, 2 * ws.numel())  # at least double: few sizes are ever allocated
+        ws = torch.empty(elems, dtype=torch.int32, device=device)
+    if counts is None or counts.numel() < tiles:
+        if counts is not None:
+            _outgrown.append(counts)
+            tiles = max(tiles, 2 * counts.numel())
+        counts = torch.zeros(tiles, dtype=torch.int32, device=device)
+    _workspaces[device] = (ws, counts)
     return ws, counts
 
 
