@@ -19,8 +19,9 @@ time is cold, memory is the configuration's own, and the disk cache is the only 
   the backend's defaults, which replay each block's calls as CUDA graphs (``cuda_graphs``).
 
 Compiled configurations use diffusers' regional compilation (``compile_repeated_blocks``), what
-users take for fast cold starts, except the "whole model" ones: ``torch.compile(model, fullgraph=True)``,
-one graph for the whole forward (for svdquant: one CUDA graph per forward instead of one per block). Per configuration: median forward latency (CUDA events, warmed up),
+users take for fast cold starts, except the "whole model" ones: ``torch.compile(model,
+fullgraph=True)``, one graph for the whole forward (for svdquant: one CUDA graph per forward
+instead of one per block). Per configuration: median forward latency (CUDA events, warmed up),
 peak memory, weight memory, compile time (first call, quantization included), and for the quantized
 ones the median and max per-layer relative output error against bf16 on real inputs of the first
 double and single block (per layer, not end to end: deep random networks amplify any error).
