@@ -72,8 +72,9 @@ class SVDQuantConfig:
         cuda_graphs: replay each compiled graph's calls on CUDA as CUDA graphs, one per block of
             weights and input shapes, captured at the second call with those shapes
             (``svdq_compile.cuda_graphs``). Takes the host time of launching the kernels out of
-            the forward, also under regional compilation; costs a copy of each call's activations
-            in and out, and memory for one set of those per shape. Off under
+            the forward, also under regional compilation. Consecutive blocks hand their
+            activations over in place; others are copied in; memory for two sets of block outputs
+            per shape (more while the caller keeps outputs). Off under
             ``mode="reduce-overhead"`` (Inductor's own CUDA graphs), with autograd, and for calls
             with CPU tensors. Turn it off for graphs that modify their inputs in place.
 

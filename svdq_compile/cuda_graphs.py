@@ -9,49 +9,97 @@ compilation, where one graph serves every block and the blocks hand each other t
 ``GraphReplay`` wraps such a graph's callable. A call whose tensors are all on one GPU, outside
 autograd and outside another capture, is keyed by the addresses of its parameters and quantized
 operands (one key per block: the weights differ) and the shapes of its other tensors. The second
-call with a key captures the graph (the first ran it eagerly: kernels are tuned and weights
-freed by then); later calls copy their activations into the capture's input buffers, replay, and
-return copies of its outputs, so a model may keep any block's output (U-Net skip connections).
-All captures share one memory pool, and captures with the same activation shapes share input and
-output buffers: the pool holds one block's temporaries, not one per block. A capture is dropped
-when its weights die (the model was deleted), and the buffers and pool with the last one.
+call with those weights and shapes captures the graph (the first ran it eagerly: kernels are tuned
+and weights freed by then); later calls replay it.
+
+Activations are handed from block to block without copies. A replay writes its outputs into a set
+of output buffers and returns them (aliases, not copies); a later call that passes such a buffer
+(the next block reading the previous block's output) is captured reading it in place. Any other
+tensor is copied into an input buffer before the replay. A set of output buffers is busy while
+anything but the set holds one of its storages (the returned alias, a view of it: the storage's use
+count says so), and a replay writes only a free set: an output the caller keeps (a U-Net skip
+connection) is never overwritten; the call writes another set instead, captured for it once. Two
+sets serve a chain of blocks, alternately.
+
+All captures share one memory pool for their temporaries: it holds one block's, not one per block.
+Captures with the same activation shapes share input buffers and output sets, which live outside
+the pool (a graph captured earlier may use pool memory freed since, and its replays would write
+there). A capture is dropped when its weights die (the model was deleted), and the buffers and the
+pool with the last one.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 log = logging.getLogger("svdq_compile")
 
-# Captures per compiled graph, and activation shapes (each with its own input and output buffers);
-# past either, new keys run uncaptured, so sweeping many resolutions does not grow memory unbounded.
+# Captures per compiled graph, activation shapes (each with its own buffers), and output sets per
+# shape; past any, new calls run uncaptured, so sweeping many resolutions, or keeping every
+# block's output, does not grow memory without bound.
 MAX_GRAPHS = 1024
 MAX_SHAPES = 16
+MAX_OUTPUT_SETS = 64
+
+
+class _OutputSet:
+    """Output buffers that one replay writes and returns; busy while anything else holds one.
+
+    Example:
+        >>> outputs = _OutputSet([torch.zeros(3)])
+        >>> kept = outputs.tensors[0].detach(); outputs.busy()
+        True
+        >>> del kept; outputs.busy()
+        False
+    """
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors = tensors
+        self._storages = [StorageWeakRef(t.untyped_storage()) for t in tensors]
+        # The use counts while only this set holds the storages (the tensors and the storages'
+        # Python objects count); any alias or view made later adds one.
+        self._own = [torch._C._storage_Use_Count(s.cdata) for s in self._storages]
+
+    def busy(self) -> bool:
+        return any(torch._C._storage_Use_Count(s.cdata) > own for s, own in zip(self._storages, self._own))
 
 
 @dataclass
 class _Buffers:
-    """Input and output buffers shared by the captures of one activation signature."""
+    """Buffers shared by the captures of one activation signature: one input buffer per activation
+    argument (for calls that copy it in), and the output sets."""
 
     inputs: list[Tensor]
-    outputs: list[Tensor] | None = None
+    output_sets: list[_OutputSet] = field(default_factory=list)
 
 
 @dataclass
 class _Capture:
-    """One captured call: its graph, the buffers it reads and writes, how to rebuild its outputs."""
+    """One captured call: its graph, where it reads and writes, how to rebuild its outputs."""
 
     graph: torch.cuda.CUDAGraph
-    buffers: _Buffers
-    copied: tuple[int, ...]  # positions of the arguments copied into buffers.inputs, in order
-    outputs: list[Any]  # the call's outputs with each tensor replaced by its index in buffers.outputs
+    copied: tuple[tuple[int, Tensor], ...]  # (argument position, input buffer) for each copied argument
+    output_set: _OutputSet
+    outputs: list[Any]  # the call's outputs with each tensor replaced by its index in output_set
     as_tuple: bool
+
+
+@dataclass
+class _Key:
+    """A call's capture key (weights' addresses, activations' shapes and which of them are output
+    buffers read in place), the part of it that says whether a call was seen before (without the
+    in-place marks, which change as the blocks around a call start replaying), and its signature."""
+
+    full: tuple
+    seen: tuple
+    signature: tuple
 
 
 class GraphReplay:
@@ -59,7 +107,8 @@ class GraphReplay:
 
     Parameters and the quantized operands (the last ``static_extra`` arguments of a call) keep
     their address from call to call: captures read them in place and are keyed by their address.
-    Every other tensor is copied into a buffer before each replay.
+    Output buffers of earlier replays are read in place too; every other tensor is copied into an
+    input buffer before each replay.
 
     Example:
         >>> replay = GraphReplay(lambda x, w: [x @ w])
@@ -69,9 +118,11 @@ class GraphReplay:
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
-        self.seen: set[tuple] = set()
-        self.captures: dict[tuple, _Capture] = {}
+        # calls run uncaptured so far -> the layouts of their output tensors (meta tensors)
+        self.seen: dict[tuple, list[Tensor]] = {}
+        self.captures: dict[tuple, list[_Capture]] = {}
         self.buffers: dict[tuple, _Buffers] = {}
+        self.output_at: dict[int, _OutputSet] = {}  # address of every output buffer -> its set
         self.pool: Any = None
         self.disabled: str | None = None
 
@@ -80,29 +131,32 @@ class GraphReplay:
         key = self._key(args, static_extra)
         if key is None:
             return self.fn(*args)
-        capture = self.captures.get(key)
+        capture = next((c for c in self.captures.get(key.full, ()) if not c.output_set.busy()), None)
         if capture is None:
-            if key not in self.seen or len(self.captures) >= MAX_GRAPHS:
+            if key.seen not in self.seen or sum(map(len, self.captures.values())) >= MAX_GRAPHS:
                 if len(self.seen) >= 4 * MAX_GRAPHS:  # keys that never come back (a float argument that changes every call)
                     self.seen.clear()
-                self.seen.add(key)
-                return self.fn(*args)
+                out = self.fn(*args)
+                self.seen[key.seen] = [torch.empty_like(t, device="meta") for t in _tensors_of(out)[0]]
+                return out
             capture = self._capture(key, args, static_extra)
             if capture is None:
                 return self.fn(*args)
-        for buffer, i in zip(capture.buffers.inputs, capture.copied):
+        for i, buffer in capture.copied:
             buffer.copy_(args[i])
         capture.graph.replay()
-        out = [capture.buffers.outputs[o].clone() if isinstance(o, _Index) else o for o in capture.outputs]
+        out = [capture.output_set.tensors[o].detach() if isinstance(o, _Index) else o for o in capture.outputs]
         return tuple(out) if capture.as_tuple else out
 
-    def _key(self, args: Sequence[Any], static_extra: int) -> tuple | None:
+    def _key(self, args: Sequence[Any], static_extra: int) -> _Key | None:
         """The capture key of a call, or None when it must run uncaptured."""
         if self.disabled is not None:
             return None
         grad = torch.is_grad_enabled()
         device = None
         parts: list[Any] = []
+        in_place: list[Any] = []
+        signature: list[Any] = []
         first_static = len(args) - static_extra
         for i, arg in enumerate(args):
             if isinstance(arg, Tensor):
@@ -113,27 +167,44 @@ class GraphReplay:
                     # Shape too: a replaced operand (a LoRA of another rank) may reuse an address.
                     parts.append((arg.data_ptr(), tuple(arg.shape)))
                 else:
-                    parts.append((tuple(arg.shape), arg.stride(), arg.dtype))
+                    layout = (tuple(arg.shape), arg.stride(), arg.dtype)
+                    parts.append(layout)
+                    signature.append(layout)
+                    if arg.data_ptr() in self.output_at:
+                        in_place.append((i, arg.data_ptr()))
             elif isinstance(arg, (int, float, bool, str, type(None), torch.SymInt)):
                 parts.append((type(arg).__name__, arg))
             else:
                 return None  # an argument whose value a capture could silently freeze
         if device is None or torch.cuda.is_current_stream_capturing():  # inside a capture of the caller's
             return None
-        return tuple(parts)
+        seen = tuple(parts)
+        return _Key((seen, tuple(in_place)), seen, tuple(signature))
 
-    def _capture(self, key: tuple, args: Sequence[Any], static_extra: int) -> _Capture | None:
+    def _capture(self, key: _Key, args: Sequence[Any], static_extra: int) -> _Capture | None:
         first_static = len(args) - static_extra
-        positions = tuple(i for i, a in enumerate(args) if isinstance(a, Tensor) and not _read_in_place(a, i, first_static))
-        copied = [args[i] for i in positions]
-        signature = tuple((tuple(t.shape), t.stride(), t.dtype) for t in copied)
-        buffers = self.buffers.get(signature)
+        activations = [i for i, a in enumerate(args) if isinstance(a, Tensor) and not _read_in_place(a, i, first_static)]
+        buffers = self.buffers.get(key.signature)
         if buffers is None:
             if len(self.buffers) >= MAX_SHAPES:
                 return None
-            buffers = self.buffers[signature] = _Buffers([torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in copied])
+            buffers = self.buffers[key.signature] = _Buffers([torch.empty_strided(args[i].shape, args[i].stride(), dtype=args[i].dtype, device=args[i].device)
+                                                              for i in activations])
+        # A free set of output buffers (the sets this call reads in place are busy: it holds them),
+        # or a new one. Made outside the pool: a graph captured earlier may use pool memory freed
+        # since for its temporaries, and its replays would overwrite outputs a caller holds.
+        output_set = next((s for s in buffers.output_sets if not s.busy()), None)
+        if output_set is None:
+            if len(buffers.output_sets) >= MAX_OUTPUT_SETS:
+                return None
+            device = next(a.device for a in args if isinstance(a, Tensor))
+            output_set = _OutputSet([torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device) for m in self.seen[key.seen]])
+            buffers.output_sets.append(output_set)
+            self.output_at.update((t.data_ptr(), output_set) for t in output_set.tensors)
+        read_in_place = {i for i, _ in key.full[1]}
+        copied = tuple((i, buffer) for i, buffer in zip(activations, buffers.inputs) if i not in read_in_place)
         call_args = list(args)
-        for buffer, i in zip(buffers.inputs, positions):
+        for i, buffer in copied:
             buffer.copy_(args[i])
             call_args[i] = buffer
         if self.pool is None:
@@ -144,29 +215,29 @@ class GraphReplay:
                 out = self.fn(*call_args)
                 out_type = type(out)
                 flat, outputs = _tensors_of(out)
-                if buffers.outputs is None:
-                    buffers.outputs = [torch.empty_like(t) for t in flat]  # from the pool, kept: shared by later captures
-                elif [(t.shape, t.dtype) for t in flat] != [(b.shape, b.dtype) for b in buffers.outputs]:
+                if [(t.shape, t.dtype) for t in flat] != [(b.shape, b.dtype) for b in output_set.tensors]:
                     raise RuntimeError("calls with the same input shapes returned different output shapes")
-                for buffer, tensor in zip(buffers.outputs, flat):
-                    buffer.copy_(tensor)
+                for target, tensor in zip(output_set.tensors, flat):
+                    target.copy_(tensor)
                 del out, flat  # the call's own outputs go back to the pool for the next capture
         except Exception as exc:  # an op that cannot be captured: run uncaptured from now on
             self.disabled = f"{type(exc).__name__}: {exc}"
             log.warning("svdquant: CUDA graph capture failed, running uncaptured (options cuda_graphs=False silences this): %s", self.disabled)
             return None
-        capture = self.captures[key] = _Capture(graph, buffers, positions, outputs, issubclass(out_type, tuple))
+        capture = _Capture(graph, copied, output_set, outputs, issubclass(out_type, tuple))
+        self.captures.setdefault(key.full, []).append(capture)
         # Compiled graphs outlive models (Dynamo caches them by code object): when this capture's
         # weights die, so does the capture, and with the last one the buffers and the pool.
         owner = next((a for a in args if isinstance(a, nn.Parameter)), None)
         if owner is not None:
-            weakref.finalize(owner, self._release, key)
+            weakref.finalize(owner, self._release, key.full)
         return capture
 
     def _release(self, key: tuple) -> None:
         self.captures.pop(key, None)
         if not self.captures:
             self.buffers.clear()
+            self.output_at.clear()
             self.seen.clear()
             self.pool = None
 
@@ -188,7 +259,7 @@ def _tensors_of(out: Any) -> tuple[list[Tensor], list[Any]]:
 
 
 class _Index(int):
-    """Marks an output position that holds a tensor (the position in the output buffers)."""
+    """Marks an output position that holds a tensor (the position in the output set)."""
 
 
-__all__ = ["GraphReplay", "MAX_GRAPHS", "MAX_SHAPES"]
+__all__ = ["GraphReplay", "MAX_GRAPHS", "MAX_OUTPUT_SETS", "MAX_SHAPES"]

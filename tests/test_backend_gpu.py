@@ -83,7 +83,8 @@ def test_lora_of_different_ranks_per_block_in_one_block_graph():
 def test_block_cuda_graphs_under_regional_compilation(monkeypatch):
     """Regional compilation with the backend's CUDA graphs (the default): once the calls are
     captured, each call's output equals the uncaptured model's for that call's input, at two
-    resolutions, and an output the caller kept is not overwritten by later calls."""
+    resolutions, an output the caller kept is not overwritten by later calls, and blocks read the
+    previous block's outputs in place."""
     from svdq_compile import cuda_graphs
 
     torch._dynamo.reset()  # the other tests compiled the same block classes: start under the recompile limit
@@ -103,6 +104,8 @@ def test_block_cuda_graphs_under_regional_compilation(monkeypatch):
             assert rel_err(got.float(), want) < 1e-3, f"call {i}: relative error {rel_err(got.float(), want):.3g}, {len(captured)} captures so far"
             kept.append((got, got.clone()))
             captures_after.append(len(captured))
+            if i == 4:  # steady at the first resolution: the graphs have one capture per block
+                first_resolution = [c for r in replays for cs in r.captures.values() for c in cs]
         steady = len(captured)
         graphed(**calls[-1]), graphed(**calls[-2])
         replayed = len(captured) == steady
@@ -113,6 +116,12 @@ def test_block_cuda_graphs_under_regional_compilation(monkeypatch):
     assert captures_after[:5] == [0, 0, 4, 4, 4], captures_after
     assert captures_after[-1] >= 8 and replayed, (captures_after, len(captured))
     assert all(torch.equal(a, b) for a, b in kept)
+    # Activations pass from block to block in place: of each graph's two blocks, the first copies
+    # its hidden states in (from the embedders or the other kind of block) and the second reads the
+    # first's output buffers. (At the second resolution Dynamo recompiles some blocks on their
+    # own, which then start a chain of their own.)
+    copying = [c for c in first_resolution if any(buffer.dim() == 3 for _, buffer in c.copied)]
+    assert len(first_resolution) == 4 and len(copying) == 2, [[tuple(b.shape) for _, b in c.copied] for c in first_resolution]
     # Deleting the model releases its captures, buffers and memory pool (Dynamo keeps the graphs).
     del graphed
     gc.collect()
