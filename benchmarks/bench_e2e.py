@@ -289,6 +289,25 @@ SHARES = (
 )
 
 
+def share_of(kernel: str) -> str:
+    """The share of GPU time a kernel counts in, by its name.
+
+    Inductor's own kernels (``triton_poi_fused_...``, ``triton_red_fused_...``) are named after the
+    ops they fuse, so they would match the fragments of their neighbours: those that feed a
+    ``torch._scaled_mm`` or take a row's ``amax`` are the fp8 baseline's activation quantization
+    (fused with its producer, a norm, a GELU or a cat, which counts with it), and the rest are
+    everything else (norms, RoPE, residual adds), also where an attention op lends them its name.
+
+    Example:
+        >>> share_of("triton_poi_fused__scaled_mm__to_copy_clamp_min_div_gelu_5"), share_of("_w4a4_gemm_kernel")
+        ('activation quantize', 'W4A4 GEMM')
+    """
+    key = kernel.lower()
+    if key.startswith("triton_"):
+        return "activation quantize" if "_scaled_mm" in key or "abs_amax" in key else "everything else"
+    return next((name for name, parts in SHARES if any(p in key for p in parts)), "everything else")
+
+
 def profile_forward(model: nn.Module, inputs: dict, forwards: int = 3) -> tuple[dict[str, float], float, list]:
     """Share of GPU kernel time per kind of kernel, GPU ms per forward, and the 15 kernels that
     take the most time (name, ms per forward, calls per forward), over profiled forwards."""
@@ -304,9 +323,7 @@ def profile_forward(model: nn.Module, inputs: dict, forwards: int = 3) -> tuple[
         us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
         if not us or event.key.startswith(("ProfilerStep", "aten::", "Torch-Compiled", "CompiledFunction")):
             continue
-        key = event.key.lower()
-        share = next((name for name, parts in SHARES if any(p in key for p in parts)), "everything else")
-        totals[share] += us
+        totals[share_of(event.key)] += us
         kernels.append((event.key[:90], round(us / forwards / 1e3, 3), event.count // forwards))
     total = sum(totals.values()) or 1.0
     top = sorted(kernels, key=lambda k: -k[1])[:15]
@@ -333,6 +350,9 @@ def plot(rows: list[dict], tokens: int, path: str, device: str) -> None:
         print("matplotlib not installed: no plot")
         return
     shown = [r for r in rows if tokens in r][::-1]  # first config on top
+    if not shown:
+        print("no configuration ran: no plot")
+        return
     names = [r["config"] for r in shown]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     wall = [r[tokens]["ms"] for r in shown]
@@ -343,8 +363,13 @@ def plot(rows: list[dict], tokens: int, path: str, device: str) -> None:
     axes[0].scatter([g for g in gpu if g], [n for n, g in zip(names, gpu) if g], color="black", marker="|", s=300, label="GPU kernel time", zorder=3)
     for y, ms in enumerate(wall):
         axes[0].text(ms, y, f" {ms:.0f}", va="center", fontsize=8)
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("forward latency (ms, log scale, lower is better)")
+    # A log scale only where the rows span more than 10x (int4 weight-only takes seconds).
+    log_scale = max(wall) > 10 * min(wall)
+    if log_scale:
+        axes[0].set_xscale("log")
+    else:
+        axes[0].set_xlim(0, 1.4 * max(wall))  # room for the value labels and the legend
+    axes[0].set_xlabel(f"forward latency (ms{', log scale' if log_scale else ''}, lower is better)")
     axes[0].legend(loc="lower right", fontsize=8)
     axes[1].barh(names, [r[tokens]["peak_gib"] for r in shown], color="tab:orange", label="peak")
     axes[1].barh(names, [r[tokens]["weight_gib"] for r in shown], color="tab:green", label="weights")
