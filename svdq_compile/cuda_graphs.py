@@ -56,7 +56,9 @@ class _OutputSet:
         >>> outputs = _OutputSet([torch.zeros(3)])
         >>> kept = outputs.tensors[0].detach(); outputs.busy()
         True
-        >>> del kept; outputs.busy()
+        >>> view = kept[1:]; del kept; outputs.busy()  # a view holds the storage too
+        True
+        >>> del view; outputs.busy()
         False
     """
 
