@@ -69,8 +69,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def output_path(out: str) -> Path:
+    """Where ``generate`` writes its PNG, checked before any work: a folder gets the default file
+    name, a missing parent folder is made, and anything but a ``.png`` path is a CliError.
+
+    Example:
+        >>> output_path("."), output_path("grid.png")
+        (PosixPath('svdq_compare.png'), PosixPath('grid.png'))
+    """
+    path = Path(out)
+    if path.is_dir():
+        return path / DEFAULT_OUT
+    if path.suffix.lower() != ".png":
+        raise CliError(f"--out {out!r}: give a .png file (e.g. --out {path.with_suffix('.png')}) or an existing folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def generate(args: argparse.Namespace) -> None:
     """Run the ``generate`` command (see the module docstring)."""
+    args.out = output_path(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     options = {"rank": args.rank, "format": args.format}
     if args.model:
@@ -209,7 +227,7 @@ def _generate_embedded(args: argparse.Namespace, device: torch.device, options: 
     acc_16 = (classify(demo.classifier, run_16.images) == truth).float().mean().item()
     acc_4 = (classify(demo.classifier, run_4.images) == truth).float().mean().item()
     p, s = _quality(run_4.images, run_16.images)
-    out = Path(args.out)
+    out = args.out
     label = f"4-bit W4A4 SVDQuant ({args.format}, rank {args.rank}{', calibrated' if args.calibrate else ''})"
     footer = f"rows: digits; same seeds. 4-bit vs 16-bit: PSNR {p:.1f} dB, SSIM {s:.3f}; classifier accuracy {acc_16:.0%} / {acc_4:.0%}"
     _side_by_side(to_uint8(run_16.images), to_uint8(run_4.images), args.per_class, ("16-bit (bf16)", label), footer, scale=3).save(out)
@@ -299,7 +317,7 @@ def _generate_diffusers(args: argparse.Namespace, device: torch.device, options:
     _, bytes_4 = _weight_bytes(denoiser)
     run_4 = _timed(device, 1, sample)
     p, s = _quality(run_4.images, run_16.images)
-    out = Path(args.out)
+    out = args.out
     footer = f"{args.model}: '{prompt[:60]}', seed {args.seed}. 4-bit vs 16-bit: PSNR {p:.1f} dB, SSIM {s:.3f}"
     _side_by_side(to_uint8(run_16.images), to_uint8(run_4.images), 1, ("16-bit (bf16)", f"4-bit W4A4 SVDQuant ({args.format}, rank {args.rank})"), footer, scale=1).save(out)
     _print_summary(

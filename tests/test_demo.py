@@ -97,3 +97,19 @@ def test_cli_missing_model_is_one_clear_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "no-such-model" in lines[0] and "--model" in lines[0] and "looked in" in lines[0]
+
+
+def test_cli_bad_out_is_one_clear_line_before_any_work(tmp_path):
+    result = _cli("--out", str(tmp_path / "grid"), "--device", "cpu", env_cache=tmp_path / "cache")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"svdq-compile: --out '{tmp_path / 'grid'}': give a .png file (e.g. --out {tmp_path / 'grid.png'}) or an existing folder"]
+    assert result.stdout == "" and not (tmp_path / "cache").exists()  # it stopped before loading or quantizing anything
+
+
+def test_cli_out_takes_a_folder_or_a_png_in_a_new_folder(tmp_path):
+    from svdq_compile.cli import DEFAULT_OUT, output_path
+
+    assert output_path(str(tmp_path)) == tmp_path / DEFAULT_OUT
+    assert output_path(str(tmp_path / "new" / "grid.PNG")) == tmp_path / "new" / "grid.PNG"
+    assert (tmp_path / "new").is_dir()
