@@ -139,7 +139,8 @@ class GraphReplay:
                 if len(self.seen) >= 4 * MAX_GRAPHS:  # keys that never come back (a float argument that changes every call)
                     self.seen.clear()
                 out = self.fn(*args)
-                self.seen[key.seen] = [torch.empty_like(t, device="meta") for t in _tensors_of(out)[0]]
+                if key.seen not in self.seen:  # past MAX_GRAPHS every call comes here: record once
+                    self.seen[key.seen] = [torch.empty_like(t, device="meta") for t in _tensors_of(out)[0]]
                 return out
             capture = self._capture(key, args, static_extra)
             if capture is None:
