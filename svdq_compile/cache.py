@@ -107,7 +107,9 @@ def load(config: SVDQuantConfig, key: str, device: torch.device) -> QuantizedLin
         tensors = load_file(str(path), device=str(device))
     except Exception:  # a truncated or foreign file is a cache miss, not an error
         return None
-    layer = QuantizedLinear(int(meta["in_features"]), int(meta["out_features"]), int(meta["group_size"]), meta["two_level"] == "1", float(meta["alpha"]), float(meta["beta"]))
+    if "format" not in meta:  # written before the format was recorded: quantize again
+        return None
+    layer = QuantizedLinear(int(meta["in_features"]), int(meta["out_features"]), int(meta["group_size"]), meta["format"], float(meta["alpha"]), float(meta["beta"]))
     for name in _BUFFERS:
         layer.register_buffer(name, tensors[name])
     layer.register_buffer("bias", tensors["bias"])
@@ -127,7 +129,7 @@ def save(config: SVDQuantConfig, key: str, layer: QuantizedLinear) -> Path | Non
         "in_features": str(layer.in_features),
         "out_features": str(layer.out_features),
         "group_size": str(layer.group_size),
-        "two_level": "1" if layer.two_level else "0",
+        "format": layer.format,
         "alpha": repr(layer.alpha),
         "beta": repr(layer.beta),
     }

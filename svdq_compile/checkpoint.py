@@ -81,10 +81,12 @@ def save_quantized(module: nn.Module, path: str | Path) -> Path:
 
 
 def _pack(entry: QuantizedWeight, config: dict) -> tuple[Tensor, ...]:
-    two_level = config["format"] == "int4_2level"
+    two_level = config["format"] != "int4"
     operand = entry.weight_q
     if operand.dtype == torch.uint8:  # kept packed in memory (packed_weights=True)
         operand = numerics.unpack_weight_operand(operand, entry.smooth_inv.shape[0], config["group_size"], two_level)
+    if operand.dtype == torch.float8_e4m3fn:  # "int4_pow2": the same integers as int8
+        operand = operand.float().to(torch.int8)
     if two_level:
         q, mult = numerics.split_2level(operand, config["group_size"])
     else:
@@ -188,6 +190,8 @@ def _unpack(parts: dict[str, Tensor], config: SVDQuantConfig, name: str) -> Quan
     else:
         q = numerics.unpack_int4(parts["qweight"])
         weight_q = numerics.expand_2level(q, parts["mult"], config.group_size) if config.two_level else q
+        if config.format == "int4_pow2":
+            weight_q = numerics.to_fp8_operand(weight_q)
     return QuantizedWeight(weight_q, parts["scales"], parts["smooth_inv"], parts["lora_down"], parts["lora_up"],
                            config.group_size, name.removesuffix(".weight"), seconds=0.0, from_cache=True, freed=True)
 

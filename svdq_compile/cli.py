@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .config import FORMATS
 from .metrics import psnr, ssim
 
 DEFAULT_OUT = "svdq_compare.png"
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, help="sampling steps (default: 20 on a GPU, 12 on CPU for the embedded model; 28 for --model)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--rank", type=int, default=32, help="rank of the 16-bit low-rank branch")
-    gen.add_argument("--format", default="int4_2level", choices=("int4_2level", "int4"), help="4-bit numerics (see SVDQuantConfig)")
+    gen.add_argument("--format", default="int4_2level", choices=FORMATS, help="4-bit numerics (see SVDQuantConfig)")
     gen.add_argument("--calibrate", type=int, default=0, metavar="N", help="calibrate smoothing on N prompts (classes for the embedded model) first")
     gen.add_argument("--per-class", type=int, default=4, help="embedded model: samples per digit")
     gen.add_argument("--out", default=DEFAULT_OUT, help=f"PNG to write (default {DEFAULT_OUT})")

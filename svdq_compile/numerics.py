@@ -12,6 +12,9 @@ Two scale formats (``SVDQuantConfig.format``):
 * "int4_2level": a float row scale ``s1 = rowmax / 112`` and per group an integer
   ``m = ceil(absmax / (7 * s1))`` in 1..16; the group's scale is ``s1 * m``. The GEMM operand is the
   int8 value ``q * m`` (in [-128, 112]), so a whole row is one int8 dot and one float rescale.
+* "int4_pow2": "int4_2level" with ``m`` rounded up to a power of two (1, 2, 4, 8 or 16). Then
+  ``q * m`` has at most 4 significant bits and is exact in fp8 e4m3, and the GEMM runs on fp8
+  tensor cores, which Triton keeps busier than int8 ones on Hopper (benchmarks/KERNEL_NOTES.md, v10).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from torch import Tensor
 QMIN, QMAX = -8, 7
 MULT_MAX = 16  # largest two-level group multiplier: 8 * 16 = 128 still fits int8
 _ROW_DIVISOR = QMAX * MULT_MAX  # s1 = rowmax / 112 gives the largest group the multiplier 16
+# The power of two at or above each multiplier 1..16 ("int4_pow2"): index m - 1.
+_POW2_CEIL = torch.tensor([1, 2, 4, 4] + [8] * 4 + [16] * 8, dtype=torch.float32)
 
 
 def _groups(x: Tensor, group_size: int) -> Tensor:
@@ -61,23 +66,29 @@ def quantize_int4_groups(x: Tensor, group_size: int = 64, scale_dtype: torch.dty
     return q.to(torch.int8).flatten(-2), scale.to(scale_dtype)
 
 
-def quantize_int4_2level(x: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_int4_2level(x: Tensor, group_size: int = 64, pow2: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Symmetric int4 with two-level scales ("int4_2level" format), per row of the last dimension.
 
     Returns ``q`` (int8 in [-8, 7]), ``mult`` (uint8 in 1..16, ``[..., K / group_size]``) and the
     fp32 row scale ``s1`` (``[...]``); element k of a row is ``q * mult[k // group_size] * s1``.
-    An all-zero row has ``s1 = 0`` and q = 0.
+    An all-zero row has ``s1 = 0`` and q = 0. ``pow2`` rounds each multiplier up to a power of
+    two ("int4_pow2" format).
 
     Example:
-        >>> q, m, s1 = quantize_int4_2level(torch.tensor([[112.0] + [0.0] * 63 + [7.0] + [0.0] * 63]))
+        >>> x = torch.tensor([[112.0] + [0.0] * 63 + [21.0] + [0.0] * 63])
+        >>> q, m, s1 = quantize_int4_2level(x)
         >>> s1.tolist(), m.tolist(), q[0, [0, 64]].tolist()
-        ([1.0], [[16, 1]], [7, 7])
+        ([1.0], [[16, 3]], [7, 7])
+        >>> quantize_int4_2level(x, pow2=True)[1].tolist()
+        [[16, 4]]
     """
     xg = _groups(x, group_size)
     gmax = xg.abs().amax(-1)
     s1 = _div(gmax.amax(-1), _ROW_DIVISOR)
     s1_safe = torch.where(s1 == 0, torch.ones_like(s1), s1).unsqueeze(-1)
     mult = torch.nan_to_num(torch.ceil(gmax / (s1_safe * QMAX)), nan=1.0).clamp_(1, MULT_MAX)
+    if pow2:
+        mult = _POW2_CEIL.to(mult.device)[mult.long() - 1]
     q = _round_clamp(xg / (s1_safe * mult).unsqueeze(-1))
     return q.to(torch.int8).flatten(-2), mult.to(torch.uint8), s1
 
@@ -114,20 +125,36 @@ def split_2level(operand: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor]
     return (e // mult.unsqueeze(-1)).flatten(-2).to(torch.int8), mult.to(torch.uint8)
 
 
-def quantize_activations(x: Tensor, group_size: int, two_level: bool) -> tuple[Tensor, Tensor]:
-    """Run-time activation quantization, per token (row): the int8 GEMM operand and its scales.
+def quantize_activations(x: Tensor, group_size: int, two_level: bool, fp8: bool = False) -> tuple[Tensor, Tensor]:
+    """Run-time activation quantization, per token (row): the GEMM operand and its scales.
 
-    Two-level: ``(q * mult, s1 [M])``. Float groups: ``(q, scale [M, K / group_size])`` in fp32.
+    Two-level: ``(q * mult, s1 [M])``, the operand int8, or with ``fp8`` ("int4_pow2": power-of-two
+    multipliers) float8_e4m3fn holding the same integers exactly. Float groups:
+    ``(q, scale [M, K / group_size])`` in fp32.
 
     Example:
         >>> a, s = quantize_activations(torch.randn(3, 128), 64, two_level=True)
         >>> a.dtype, tuple(s.shape)
         (torch.int8, (3,))
+        >>> quantize_activations(torch.randn(3, 128), 64, two_level=True, fp8=True)[0].dtype
+        torch.float8_e4m3fn
     """
     if two_level:
-        q, mult, s1 = quantize_int4_2level(x, group_size)
-        return expand_2level(q, mult, group_size), s1
+        q, mult, s1 = quantize_int4_2level(x, group_size, pow2=fp8)
+        operand = expand_2level(q, mult, group_size)
+        return (to_fp8_operand(operand) if fp8 else operand), s1
     return quantize_int4_groups(x, group_size)
+
+
+def to_fp8_operand(operand: Tensor) -> Tensor:
+    """The int8 GEMM operand of the "int4_pow2" format as float8_e4m3fn (the same values, exactly:
+    ``q * 2^e`` with ``|q| <= 8`` has at most 4 significant bits, as many as e4m3 holds).
+
+    Example:
+        >>> to_fp8_operand(torch.tensor([-128, 56, 7], dtype=torch.int8)).float().tolist()
+        [-128.0, 56.0, 7.0]
+    """
+    return operand.to(torch.float8_e4m3fn)
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -169,6 +196,8 @@ def pack_weight_operand(operand: Tensor, group_size: int, two_level: bool) -> Te
         >>> packed.shape, torch.equal(unpack_weight_operand(packed, 64, 64, True), op)
         (torch.Size([1, 33]), True)
     """
+    if operand.dtype != torch.int8:
+        raise ValueError(f"pack_weight_operand: the operand must be int8 (formats int4_2level and int4), got {operand.dtype}")
     if two_level:
         q, mult = split_2level(operand, group_size)
         return torch.cat((pack_int4(q), mult), dim=-1)
@@ -257,10 +286,11 @@ def dequantize_weight(q: Tensor, scales: Tensor, mult: Tensor | None, group_size
     return expand_2level(q, mult, group_size).float() * scales.float().unsqueeze(-1)
 
 
-def quantize_weight(residual: Tensor, group_size: int, two_level: bool, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+def quantize_weight(residual: Tensor, group_size: int, two_level: bool, scale_dtype: torch.dtype, pow2: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """Quantize a residual weight [N, K]: ``(q int8, scales, mult or None)``.
 
-    Float group scales are kept in the model dtype (``scale_dtype``); two-level row scales in fp32.
+    Float group scales are kept in the model dtype (``scale_dtype``); two-level row scales in fp32;
+    ``pow2``: two-level multipliers that are powers of two ("int4_pow2").
 
     Example:
         >>> q, s, m = quantize_weight(torch.randn(8, 128), 64, True, torch.bfloat16)
@@ -268,7 +298,7 @@ def quantize_weight(residual: Tensor, group_size: int, two_level: bool, scale_dt
         ((8,), (8, 2))
     """
     if two_level:
-        q, mult, s1 = quantize_int4_2level(residual, group_size)
+        q, mult, s1 = quantize_int4_2level(residual, group_size, pow2)
         return q, s1, mult
     q, scale = quantize_int4_groups(residual, group_size, scale_dtype)
     return q, scale, None
@@ -310,7 +340,8 @@ def w4a4_linear_reference(
     Args:
         x: [..., K] bf16, fp16 or fp32.
         weight_q: [N, K] int8 GEMM operand: ``q * mult`` for two-level scales, ``q`` for float groups;
-            or that operand packed by ``pack_weight_operand`` (uint8, 4 bits per value).
+            or that operand packed by ``pack_weight_operand`` (uint8, 4 bits per value); or
+            float8_e4m3fn for "int4_pow2" (the activations then get power-of-two multipliers too).
         weight_scales: [N] fp32 row scales (two-level) or [N, K / group_size] float group scales.
         smooth_inv: [K] fp32, ``1 / lambda``; the activations are quantized as ``x * smooth_inv``.
         lora_down: [R, K] 16-bit, already divided by lambda so that it reads the raw x.
@@ -343,7 +374,7 @@ def w4a4_linear_reference(
     lora_act = (x2.float() @ lora_down.float().T).to(x.dtype)
     out = lora_act.float() @ lora_up.float().T
     xs = x2.float() * smooth_inv.float()
-    a_q, a_scale = quantize_activations(xs, group_size, two_level)
+    a_q, a_scale = quantize_activations(xs, group_size, two_level, fp8=weight_q.dtype == torch.float8_e4m3fn)
     if two_level:
         acc = (a_q.double() @ weight_q.double().T).float()
         out += acc * a_scale.unsqueeze(1) * weight_scales.float().unsqueeze(0)

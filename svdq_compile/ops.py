@@ -42,15 +42,16 @@ def check_w4a4_args(
         raise ValueError(f"w4a4_linear: x must be bfloat16, float16 or float32, got {x.dtype}; cast the input first")
     if x.dim() < 1:
         raise ValueError("w4a4_linear: x must have at least one dimension (the K features)")
-    if weight_q.dtype not in (torch.int8, torch.uint8) or weight_q.dim() != 2:
-        raise ValueError(f"w4a4_linear: weight_q must be a 2-D int8 operand [N, K] or its uint8 packed form, got {weight_q.dtype} {tuple(weight_q.shape)}")
+    if weight_q.dtype not in (torch.int8, torch.float8_e4m3fn, torch.uint8) or weight_q.dim() != 2:
+        raise ValueError(f"w4a4_linear: weight_q must be a 2-D int8 (or, for int4_pow2, float8_e4m3fn) operand [N, K] "
+                         f"or its uint8 packed form, got {weight_q.dtype} {tuple(weight_q.shape)}")
     n = weight_q.shape[0]
     x_features = x.shape[-1]
     if x_tail is not None:
         if x_tail.dtype != x.dtype or x_tail.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"w4a4_linear: x_tail must have x's dtype and leading shape {tuple(x.shape[:-1])}, got {x_tail.dtype} {tuple(x_tail.shape)}")
         x_features += x_tail.shape[-1]
-    k = weight_q.shape[1] if weight_q.dtype == torch.int8 else x_features
+    k = x_features if weight_q.dtype == torch.uint8 else weight_q.shape[1]
     if x_features != k:
         raise ValueError(f"w4a4_linear: x (with x_tail) has {x_features} features but the weight expects {k}; pass x of shape [..., {k}]")
     if group_size <= 0 or k % group_size:
@@ -61,6 +62,8 @@ def check_w4a4_args(
                          f"(numerics.pack_weight_operand), got {tuple(weight_q.shape)}")
     if weight_scales.shape not in ((n,), (n, k // group_size)):
         raise ValueError(f"w4a4_linear: weight_scales must be [{n}] (two-level) or [{n}, {k // group_size}] (group scales), got {tuple(weight_scales.shape)}")
+    if weight_q.dtype == torch.float8_e4m3fn and weight_scales.shape != (n,):
+        raise ValueError(f"w4a4_linear: a float8_e4m3fn weight_q (int4_pow2) takes [{n}] row scales, got {tuple(weight_scales.shape)}")
     if smooth_inv.shape != (k,):
         raise ValueError(f"w4a4_linear: smooth_inv must be [{k}], got {tuple(smooth_inv.shape)}")
     rank = lora_down.shape[0]
@@ -150,12 +153,15 @@ def w4a4_linear(
 
 
 @functools.cache
-def _reference_reason(device_index: int, group_size: int) -> str | None:
-    """Why this GPU and group size run the PyTorch reference instead of the kernels (None: they do
-    not); warns the first time. Cached: the capability query costs microseconds on every call."""
+def _reference_reason(device_index: int, group_size: int, fp8: bool) -> str | None:
+    """Why this GPU, group size and operand type run the PyTorch reference instead of the kernels
+    (None: they do not); warns the first time. Cached: the capability query costs microseconds on
+    every call."""
     reason = None
     if torch.cuda.get_device_capability(device_index)[0] < 8:
         reason = "this GPU has no int8 tensor cores (compute capability < 8.0)"
+    elif fp8 and torch.cuda.get_device_capability(device_index) < (8, 9):
+        reason = "this GPU has no fp8 tensor cores for the int4_pow2 format (compute capability < 8.9); use int4_2level"
     elif group_size not in (16, 32, 64, 128, 256):
         reason = f"group_size {group_size} is not a power of two in 16..256"
     if reason is not None:
@@ -168,11 +174,13 @@ def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up
     """CUDA: the two fused Triton kernels (quantize + low-rank down, then GEMM + epilogue), plus
     the expansion of a packed 4-bit weight to the int8 operand before the GEMM.
 
-    GPUs without int8 tensor cores (compute capability < 8.0) and group sizes the kernels do not
-    take (not a power of two in 16..256) run the reference instead, with a one-time warning.
+    GPUs without int8 tensor cores (compute capability < 8.0; < 8.9 for the fp8 operands of
+    "int4_pow2") and group sizes the kernels do not take (not a power of two in 16..256) run the
+    reference instead, with a one-time warning.
     """
     check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
-    if _reference_reason(x.device.index, group_size) is not None:
+    fp8 = weight_q.dtype == torch.float8_e4m3fn
+    if _reference_reason(x.device.index, group_size, fp8) is not None:
         return w4a4_linear_reference(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
     # Imported here so that importing the package does not compile or decorate Triton kernels.
     from .kernels.quantize_act_lowrank_down import quantize_act_lowrank_down
@@ -183,7 +191,7 @@ def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up
     # reshape keeps a view where it can (a column slice of a larger output stays in place).
     x2d = x.reshape(-1, x.shape[-1])
     tail2d = None if x_tail is None else x_tail.reshape(-1, x_tail.shape[-1])
-    act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level, x_tail=tail2d)
+    act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level, x_tail=tail2d, fp8=fp8)
     if weight_q.dtype == torch.uint8:  # packed 4-bit weights: expand into a buffer that lives for this call
         weight_q = unpack_weight(weight_q, act_q.shape[1], group_size, two_level)
     out = w4a4_gemm(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, x.dtype, gelu_start=gelu_start, gelu_end=gelu_end)

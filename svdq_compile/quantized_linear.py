@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import numerics
-from .config import SVDQuantConfig
+from .config import FORMATS, SVDQuantConfig
 
 
 @dataclass
@@ -40,8 +40,8 @@ class QuantizedLinear(nn.Module):
 
     Buffers:
         qweight: [N, K/2] uint8, two int4 per byte (``numerics.pack_int4``).
-        scales: [N] fp32 row scales ("int4_2level") or [N, K/group] group scales in the model dtype.
-        mult: [N, K/group] uint8 integer group multipliers ("int4_2level" only, else empty).
+        scales: [N] fp32 row scales (two-level formats) or [N, K/group] group scales in the model dtype.
+        mult: [N, K/group] uint8 integer group multipliers (two-level formats only, else empty).
         smooth_inv: [K] fp32, ``1 / lambda``.
         lora_down: [R, K] model dtype, ``L2 / lambda`` so the branch reads the raw input.
         lora_up: [N, R] model dtype.
@@ -53,13 +53,20 @@ class QuantizedLinear(nn.Module):
         torch.Size([4, 64])
     """
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, two_level: bool, alpha: float = 0.0, beta: float = 0.0) -> None:
+    def __init__(self, in_features: int, out_features: int, group_size: int, format: str, alpha: float = 0.0, beta: float = 0.0) -> None:
         super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
-        self.two_level = two_level
+        self.format = format
         self.alpha, self.beta = alpha, beta  # the smoothing chosen, for summaries
+
+    @property
+    def two_level(self) -> bool:
+        """Row scales times integer group multipliers ("int4_2level", "int4_pow2")."""
+        return self.format != "int4"
 
     @classmethod
     def from_linear(
@@ -119,10 +126,11 @@ class QuantizedLinear(nn.Module):
     def _quantize(cls, weight: Tensor, bias: Tensor | None, config: SVDQuantConfig, stats: CalibrationStats | None, alpha: float, beta: float) -> "QuantizedLinear":
         n, k = weight.shape
         dtype = weight.dtype
+        pow2 = config.format == "int4_pow2"
         lam = numerics.smoothing_factors(None if stats is None else stats.absmax, weight, alpha, beta)
         w_hat = weight.float() * lam
         up, down = numerics.lowrank_svd(w_hat, config.rank)
-        q, scales, mult = numerics.quantize_weight(w_hat - up @ down, config.group_size, config.two_level, dtype)
+        q, scales, mult = numerics.quantize_weight(w_hat - up @ down, config.group_size, config.two_level, dtype, pow2)
         if config.refine_iters:
             # Refinement: re-fit the low-rank part to what quantization left out, keep the best round
             # by weight error (the residual's quantization error plus what the branch misses).
@@ -134,9 +142,9 @@ class QuantizedLinear(nn.Module):
                     best = (err, q, scales, mult, up, down)
                 if step < config.refine_iters:
                     up, down = numerics.lowrank_svd(w_hat - deq, config.rank)
-                    q, scales, mult = numerics.quantize_weight(w_hat - up @ down, config.group_size, config.two_level, dtype)
+                    q, scales, mult = numerics.quantize_weight(w_hat - up @ down, config.group_size, config.two_level, dtype, pow2)
             _, q, scales, mult, up, down = best
-        layer = cls(k, n, config.group_size, config.two_level, alpha, beta)
+        layer = cls(k, n, config.group_size, config.format, alpha, beta)
         layer.register_buffer("qweight", numerics.pack_int4(q))
         layer.register_buffer("scales", scales)
         layer.register_buffer("mult", mult if mult is not None else torch.empty(0, dtype=torch.uint8, device=weight.device))
@@ -153,14 +161,18 @@ class QuantizedLinear(nn.Module):
         return self.lora_down.shape[0]
 
     def weight_operand(self) -> Tensor:
-        """The int8 [N, K] GEMM operand the kernels read: ``q * mult`` (two-level) or ``q``.
+        """The [N, K] GEMM operand the kernels read: ``q * mult`` (two-level) or ``q``, int8, or
+        float8_e4m3fn holding the same integers for "int4_pow2".
 
         Example:
             >>> QuantizedLinear.from_linear(nn.Linear(128, 8)).weight_operand().dtype
             torch.int8
         """
         q = numerics.unpack_int4(self.qweight)
-        return numerics.expand_2level(q, self.mult, self.group_size) if self.two_level else q
+        if not self.two_level:
+            return q
+        operand = numerics.expand_2level(q, self.mult, self.group_size)
+        return numerics.to_fp8_operand(operand) if self.format == "int4_pow2" else operand
 
     def dequantize(self) -> Tensor:
         """The effective float weight [N, K] (fp32) that this layer applies to unquantized inputs.
@@ -198,8 +210,7 @@ class QuantizedLinear(nn.Module):
             return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30)).item()
 
     def extra_repr(self) -> str:
-        fmt = "int4_2level" if self.two_level else "int4"
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, format={fmt}, smoothing=({self.alpha}, {self.beta})"
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, format={self.format}, smoothing=({self.alpha}, {self.beta})"
 
 
 __all__ = ["QuantizedLinear", "CalibrationStats", "smoothing_grid"]

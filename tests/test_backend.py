@@ -49,7 +49,7 @@ def eligible_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and "lora_" not in name and eligible(name.replace(".base_layer", ""), m)}
 
 
-def swap_to_quantized(model: nn.Module, inputs: dict) -> nn.Module:
+def swap_to_quantized(model: nn.Module, inputs: dict, config: SVDQuantConfig = CONFIG) -> nn.Module:
     """The eager reference: every eligible linear (peft's base_layer for LoRA layers) -> QuantizedLinear.
 
     Eligible linears that read the same tensor in ``model(**inputs)`` are quantized as one layer over
@@ -58,14 +58,14 @@ def swap_to_quantized(model: nn.Module, inputs: dict) -> nn.Module:
     targets = eligible_linears(model)
     for names in shared_input_readers(model, targets, inputs):
         weights = [targets[name].weight for name in names]
-        joint = QuantizedLinear.from_weight(torch.cat(weights), None, CONFIG)
+        joint = QuantizedLinear.from_weight(torch.cat(weights), None, config)
         start = 0
         for name, weight in zip(names, weights):
             targets[name] = rows_of(joint, start, start + weight.shape[0], targets[name].bias)
             start += weight.shape[0]
     for name, linear in targets.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, linear if isinstance(linear, QuantizedLinear) else QuantizedLinear.from_linear(linear, CONFIG))
+        setattr(model.get_submodule(parent_name), child, linear if isinstance(linear, QuantizedLinear) else QuantizedLinear.from_linear(linear, config))
     return model
 
 
@@ -91,7 +91,7 @@ def shared_input_readers(model: nn.Module, linears: dict[str, nn.Linear], inputs
 
 def rows_of(joint: QuantizedLinear, start: int, stop: int, bias: torch.Tensor | None) -> QuantizedLinear:
     """Output rows ``start:stop`` of a quantized layer, with ``bias``, as a layer of their own."""
-    layer = QuantizedLinear(joint.in_features, stop - start, joint.group_size, joint.two_level, joint.alpha, joint.beta)
+    layer = QuantizedLinear(joint.in_features, stop - start, joint.group_size, joint.format, joint.alpha, joint.beta)
     for name in ("qweight", "scales", "lora_up"):
         layer.register_buffer(name, getattr(joint, name)[start:stop])
     layer.register_buffer("mult", joint.mult[start:stop] if joint.two_level else joint.mult)
@@ -206,6 +206,21 @@ def test_output_matches_swapped_eager_model(compiled):
 def test_output_is_the_fp_model_within_quantization_error(compiled):
     err = rel_err(compiled.out, compiled.fp_out)
     assert 1e-4 < err < 0.1, err
+
+
+def test_int4_pow2_format_runs_its_own_numerics():
+    """format="int4_pow2" gives the swapped eager model of that format (fp8 operands, power-of-two
+    multipliers on both sides), not the int4_2level one."""
+    torch._dynamo.reset()
+    config = SVDQuantConfig(**OPTIONS, format="int4_pow2")
+    model = flux_model()
+    reference = swap_to_quantized(copy.deepcopy(model), flux_inputs(), config)
+    assert {m.weight_operand().dtype for m in reference.modules() if isinstance(m, QuantizedLinear)} == {torch.float8_e4m3fn}
+    compiled = torch.compile(model, backend="svdquant", fullgraph=True, options={**OPTIONS, "format": "int4_pow2"})
+    with torch.no_grad():
+        out, ref = compiled(**flux_inputs())[0], reference(**flux_inputs())[0]
+    assert rel_err(out, ref) < 1e-4
+    assert rel_err(out, built("flux").out) > 1e-3  # the int4_2level model computes something else
 
 
 def test_16bit_weights_freed_after_first_call(compiled):

@@ -135,3 +135,24 @@ def test_checkpoint_of_another_architecture_is_refused(saved):
 def test_saving_an_unquantized_model_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="run it once"):
         save_quantized(Tiny(), tmp_path / "x.safetensors")  # noqa: F821
+
+
+def test_int4_pow2_checkpoint_reloads_its_fp8_operands(tmp_path):
+    """The file stores the 4-bit values and multipliers of any two-level format; loading an
+    int4_pow2 checkpoint gives the fp8 operands back, and the same outputs."""
+    torch.manual_seed(1)
+    model = Tiny().eval()  # noqa: F821 (defined by exec above)
+    x = torch.randn(2, 5, 64)
+    compiled = torch.compile(model, backend="svdquant", options=OPTIONS | {"format": "int4_pow2"})
+    with torch.no_grad():
+        out = compiled(x)
+    path = save_quantized(compiled, tmp_path / "pow2.safetensors")
+    fresh = Tiny().eval()  # noqa: F821
+    load_quantized(fresh, path)
+    (entry,) = quantized_entries(fresh.blocks[0].weight).values()
+    assert entry.weight_q.dtype == torch.float8_e4m3fn
+    reloaded = torch.compile(fresh, backend="svdquant", options={"checkpoint": str(path), "cache_dir": ""})
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), out)
+    with pytest.raises(ValueError, match="packed_weights takes format"):
+        load_quantized(Tiny().eval(), path, packed_weights=True)  # noqa: F821

@@ -23,7 +23,7 @@ def outlier_layer():
     return linear, CalibrationStats(calib.abs().amax(0), calib[:64]), held_out
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int4_2level"])
+@pytest.mark.parametrize("fmt", ["int4", "int4_2level", "int4_pow2"])
 def test_svdquant_beats_naive_and_smoothing_alone(outlier_layer, fmt):
     linear, stats, x = outlier_layer
 

@@ -76,6 +76,25 @@ def test_two_level_grid():
     assert e.dtype == torch.int8 and torch.equal(e.to(torch.int32), q.to(torch.int32) * mult.to(torch.int32).repeat_interleave(64, -1))
 
 
+def test_pow2_multipliers_round_the_integer_ones_up_and_are_exact_in_fp8():
+    x = _outlier_rows(11, 320, seed=5)
+    q, mult, s1 = nm.quantize_int4_2level(x, 64)
+    q2, mult2, s1_2 = nm.quantize_int4_2level(x, 64, pow2=True)
+    assert torch.equal(s1, s1_2)
+    m, m2 = mult.long(), mult2.long()
+    assert bool(((m2 & (m2 - 1)) == 0).all()), "every multiplier is a power of two"
+    assert bool(((m2 >= m) & (m2 < 2 * m)).all()), "the smallest power of two at or above the integer multiplier"
+    assert bool((m2 != m).any()) and bool((m2 == m).any())  # these rows exercise both cases
+    assert torch.equal(q2[(m2 == m).repeat_interleave(64, -1)], q[(m2 == m).repeat_interleave(64, -1)])
+    step = (s1_2.unsqueeze(-1) * mult2.float()).repeat_interleave(64, -1)
+    assert bool(((q2.float() * step - x).abs() <= step / 2 * (1 + 1e-5)).all())
+    operand = nm.expand_2level(q2, mult2, 64)
+    fp8 = nm.to_fp8_operand(operand)
+    assert fp8.dtype == torch.float8_e4m3fn and torch.equal(fp8.float(), operand.float())
+    a, scales = nm.quantize_activations(x, 64, two_level=True, fp8=True)
+    assert torch.equal(a.float(), fp8.float()) and torch.equal(scales, s1_2)
+
+
 def test_two_level_error_close_to_float_groups():
     # integer multipliers cost a little precision against float group scales, never a lot
     x = _outlier_rows(64, 1024, seed=4)
@@ -117,6 +136,10 @@ def test_config_checks():
     with pytest.raises(ValueError, match="valid options"):
         SVDQuantConfig.from_options({"rnak": 4})
     assert SVDQuantConfig.from_options({"skip": "proj_out"}).skip == ("proj_out",)
+    with pytest.raises(ValueError, match="packed_weights takes format"):
+        SVDQuantConfig(format="int4_pow2", packed_weights=True)
+    with pytest.raises(ValueError, match="must be int8"):
+        nm.pack_weight_operand(torch.zeros(2, 64, dtype=torch.float8_e4m3fn), 64, True)
 
 
 def test_split_2level_inverts_expand_exactly():

@@ -29,7 +29,7 @@ def _inputs(shape, dtype, seed=1):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int4_2level"])
+@pytest.mark.parametrize("fmt", ["int4", "int4_2level", "int4_pow2"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_op_matches_integer_arithmetic_by_hand(fmt, dtype):
     """The op equals an independent spelling of the formula (int64 dots, explicit groups)."""
@@ -42,7 +42,7 @@ def test_op_matches_integer_arithmetic_by_hand(fmt, dtype):
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int4_2level"])
+@pytest.mark.parametrize("fmt", ["int4", "int4_2level", "int4_pow2"])
 def test_op_tracks_float_layer(fmt):
     linear, layer = _layer(fmt=fmt)
     x = _inputs((33, 192), torch.float32)
