@@ -34,8 +34,7 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved_interpret
 
 from svdq_compile import numerics  # noqa: E402
-from kernel_checks import FP32_EPS, gelu_gemm_bound, gemm_bound, near_tie_rows, outlier_input, seed, ulp_bound  # noqa: E402
-
+from kernel_checks import FORMAT_CASES, FP32_EPS, gelu_gemm_bound, gemm_bound, near_tie_rows, outlier_input, seed, ulp_bound  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,18 +66,18 @@ def test_unpack_weight_matches_reference(n, k, group, two_level):
 
 
 @pytest.mark.parametrize("rank", [0, 16, 48, 160])
-@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+@pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_quantize_act_lowrank_down_matches_reference(dtype, two_level, rank):
-    gen = torch.Generator().manual_seed(seed(dtype, two_level, rank))
+def test_quantize_act_lowrank_down_matches_reference(dtype, two_level, fp8, rank):
+    gen = torch.Generator().manual_seed(seed(dtype, two_level, fp8, rank))
     m, k = 37, 64 * 3
     x = outlier_input(m, k, dtype, gen)
     smooth_inv = 0.25 + torch.rand(k, generator=gen)
     lora_down = (torch.randn(rank, k, generator=gen) / k**0.5).to(dtype)
     # Larger quantizer tiles than the GPU default keep the interpreter fast; the default runs below.
-    act_q, scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level, qk.QuantizeConfig(16, 128, 4, 2))
-    ref_q, ref_scales, ref_lora = qk.quantize_act_lowrank_down_reference(x, smooth_inv, lora_down, 64, two_level)
-    assert act_q.dtype == torch.int8 and torch.equal(act_q, ref_q)
+    act_q, scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level, qk.QuantizeConfig(16, 128, 4, 2), fp8=fp8)
+    ref_q, ref_scales, ref_lora = qk.quantize_act_lowrank_down_reference(x, smooth_inv, lora_down, 64, two_level, fp8=fp8)
+    assert act_q.dtype == (torch.float8_e4m3fn if fp8 else torch.int8) and torch.equal(act_q.float(), ref_q.float())
     assert scales.dtype == torch.float32 and torch.equal(scales, ref_scales)
     assert lora_act.dtype == dtype and lora_act.shape == (m, rank)
     # The fp32 sum over K differs from the reference's only in order: at most K * eps * sum|x * down|
@@ -89,8 +88,8 @@ def test_quantize_act_lowrank_down_matches_reference(dtype, two_level, rank):
     assert ((lora_act.float() - ref_lora.float()).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
-def test_quantize_edge_rows(two_level):
+@pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
+def test_quantize_edge_rows(two_level, fp8):
     """Exact ties, a zero token, a token with NaN, one with Inf, a batch of one: same as the oracle."""
     gen = torch.Generator().manual_seed(7)
     k = 64 * 5
@@ -106,13 +105,13 @@ def test_quantize_edge_rows(two_level):
     x[11, 3] = float("inf")
     lora_down = (torch.randn(16, k, generator=gen) / 16).bfloat16()
     smooth_inv = torch.ones(k)
-    act_q, scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level)
-    ref_q, ref_scales, _ = qk.quantize_act_lowrank_down_reference(x, smooth_inv, lora_down, 64, two_level)
-    assert torch.equal(act_q, ref_q)
+    act_q, scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level, fp8=fp8)
+    ref_q, ref_scales, _ = qk.quantize_act_lowrank_down_reference(x, smooth_inv, lora_down, 64, two_level, fp8=fp8)
+    assert torch.equal(act_q.float(), ref_q.float())
     assert torch.equal(scales.isnan(), ref_scales.isnan()) and torch.equal(scales.nan_to_num(), ref_scales.nan_to_num())
     assert not torch.isfinite(lora_act[[5, 11]]).all(dim=1).any() and torch.isfinite(lora_act[2]).all()
-    one_q, one_scales, _ = qk.quantize_act_lowrank_down(x[7:8], smooth_inv, lora_down, 64, two_level)
-    assert torch.equal(one_q, ref_q[7:8]) and torch.equal(one_scales, ref_scales[7:8])
+    one_q, one_scales, _ = qk.quantize_act_lowrank_down(x[7:8], smooth_inv, lora_down, 64, two_level, fp8=fp8)
+    assert torch.equal(one_q.float(), ref_q[7:8].float()) and torch.equal(one_scales, ref_scales[7:8])
 
 
 @pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
@@ -181,28 +180,29 @@ def test_quantize_near_ties_and_random_quotients():
         assert torch.equal(act_q, ref_q) and torch.equal(scales, ref_scales)
 
 
-def _gemm_inputs(m: int, n: int, k: int, rank: int, dtype: torch.dtype, two_level: bool, with_bias: bool, gen: torch.Generator):
+def _gemm_inputs(m: int, n: int, k: int, rank: int, dtype: torch.dtype, two_level: bool, with_bias: bool, gen: torch.Generator, fp8: bool = False):
     x = outlier_input(m, k, torch.float32, gen)
-    act_q, act_scales = numerics.quantize_activations(x, 64, two_level)
+    act_q, act_scales = numerics.quantize_activations(x, 64, two_level, fp8)
     weight = torch.randn(n, k, generator=gen) / k**0.5
-    q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype)
+    q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype, pow2=fp8)
     weight_q = numerics.expand_2level(q, mult, 64) if two_level else q
+    if fp8:
+        weight_q = numerics.to_fp8_operand(weight_q)
     lora_act = torch.randn(m, rank, generator=gen).to(dtype)
     lora_up = (torch.randn(n, rank, generator=gen) / 4).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
     return act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias
 
 
-
-
-
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("rank", [0, 16, 48, 160])
-@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+@pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_w4a4_gemm_matches_reference(dtype, two_level, rank, with_bias):
-    gen = torch.Generator().manual_seed(seed(dtype, two_level, rank, with_bias))
-    args = _gemm_inputs(37, 72, 64 * 3, rank, dtype, two_level, with_bias, gen)
+def test_w4a4_gemm_matches_reference(dtype, two_level, fp8, rank, with_bias):
+    """The interpreter sums fp8 products in fp32, exactly at these sizes (|sums| < 2^24), so the
+    int8 bound holds for fp8 operands here; the GPU's fp8 accumulation has its own bound (GPU tests)."""
+    gen = torch.Generator().manual_seed(seed(dtype, two_level, fp8, rank, with_bias))
+    args = _gemm_inputs(37, 72, 64 * 3, rank, dtype, two_level, with_bias, gen, fp8)
     out = gk.w4a4_gemm(*args, dtype)
     ref, bound = gemm_bound(args, dtype)
     assert out.dtype == dtype and out.shape == (37, 72)
@@ -219,13 +219,15 @@ def test_w4a4_gemm_matches_reference(dtype, two_level, rank, with_bias):
      gk.GemmConfig(16, 32, 128, 1, 4, 2, persistent=True, split_tail=True), gk.GemmConfig(32, 32, 64, 1, 4, 2, group_m=2, persistent=True, split_tail=True)],
     ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}g{c.group_m}" + ("p" if c.persistent else "") + ("t" if c.split_tail else ""),
 )
-def test_w4a4_gemm_tile_configs(config):
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+def test_w4a4_gemm_tile_configs(config, fp8):
     """Split-K (more splits than K tiles included), masked K tails, tile groups, odd M and N, the
     persistent kernel (more tiles than programs, so each program walks several; TMA zero-fill past
     M, N and K), and its split tail (9 or 6 tiles on the interpreter's 4 programs leave a last wave
-    of 1 or 2 tiles, split 3 or 2 ways along K, the second with a masked K tail)."""
+    of 1 or 2 tiles, split 3 or 2 ways along K, the second with a masked K tail); int8 and fp8
+    operands (fp32 split-K partial sums)."""
     gen = torch.Generator().manual_seed(config.block_m * 1000 + config.split_k)
-    args = _gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, True, gen)
+    args = _gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, True, gen, fp8)
     if config.split_tail:
         tiles = -(-45 // config.block_m) * -(-83 // config.block_n)
         assert gk._tail_split(tiles, min(4, tiles), -(-320 // config.block_k))[1] > 1
@@ -273,16 +275,19 @@ def test_kernels_compose_to_the_op_reference():
     """
     gen = torch.Generator().manual_seed(3)
     m, n, k, rank = 29, 40, 64 * 3, 32
-    for two_level in (True, False):
+    for two_level, fp8 in FORMAT_CASES["argvalues"]:
         x = outlier_input(m, k, torch.bfloat16, gen)
         smooth_inv = 0.5 + torch.rand(k, generator=gen)
         weight = torch.randn(n, k, generator=gen) / k**0.5
-        q, scales, mult = numerics.quantize_weight(weight, 64, two_level, torch.bfloat16)
+        q, scales, mult = numerics.quantize_weight(weight, 64, two_level, torch.bfloat16, pow2=fp8)
         weight_q = numerics.expand_2level(q, mult, 64) if two_level else q
+        if fp8:
+            weight_q = numerics.to_fp8_operand(weight_q)
         lora_down = (torch.randn(rank, k, generator=gen) / k).bfloat16()
         lora_up = (torch.randn(n, rank, generator=gen) / 4).bfloat16()
         bias = torch.randn(n, generator=gen).bfloat16()
-        act_q, act_scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level)
+        act_q, act_scales, lora_act = qk.quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level, fp8=fp8)
+        assert act_q.dtype == weight_q.dtype
         out = gk.w4a4_gemm(act_q, act_scales, weight_q, scales, lora_act, lora_up, bias, torch.bfloat16)
         ref = numerics.w4a4_linear_reference(x, weight_q, scales, smooth_inv, lora_down, lora_up, bias, 64)
         _, bound = gemm_bound((act_q, act_scales, weight_q, scales, lora_act, lora_up, bias), torch.bfloat16)
@@ -320,6 +325,13 @@ def test_bad_arguments_name_the_fix():
                      gelu_start=4, gelu_end=9)
     with pytest.raises(ValueError, match="x_tail must be"):
         qk.quantize_act_lowrank_down(x[:, :64], torch.ones(96), torch.zeros(0, 96), 32, True, x_tail=x[:3, 64:])
+    with pytest.raises(ValueError, match="needs two_level=True"):
+        qk.quantize_act_lowrank_down(x, torch.ones(96), torch.zeros(0, 96), 32, False, fp8=True)
+    a8 = a.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="both int8 or both float8_e4m3fn"):
+        gk.w4a4_gemm(a8, torch.ones(4), torch.zeros(8, 128, dtype=torch.int8), torch.ones(8), torch.zeros(4, 0), torch.zeros(8, 0), None, torch.float32)
+    with pytest.raises(ValueError, match="take two-level scales"):
+        gk.w4a4_gemm(a8, torch.ones(4, 2), torch.zeros(8, 128, dtype=torch.float8_e4m3fn), torch.ones(8, 2), torch.zeros(4, 0), torch.zeros(8, 0), None, torch.float32)
 
 
 def test_split_k_workspace_grows_without_freeing_what_graphs_captured():

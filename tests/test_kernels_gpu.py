@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import FP32_EPS, MANTISSA_BITS, gelu_gemm_bound, gemm_bound, near_tie_rows, outlier_input, seed, ulp_bound
+from kernel_checks import FORMAT_CASES, FP32_EPS, MANTISSA_BITS, gelu_gemm_bound, gemm_bound, near_tie_rows, outlier_input, seed, ulp_bound
 
 from svdq_compile import numerics
 
@@ -34,12 +34,14 @@ def _poison(*shapes_and_dtypes: tuple[tuple[int, ...], torch.dtype]) -> None:
 
 
 
-def _gemm_inputs(m, n, k, rank, dtype, two_level, gen):
+def _gemm_inputs(m, n, k, rank, dtype, two_level, gen, fp8=False):
     x = outlier_input(m, k, torch.float32, gen)
-    act_q, act_scales = numerics.quantize_activations(x, 64, two_level)
+    act_q, act_scales = numerics.quantize_activations(x, 64, two_level, fp8)
     weight = torch.randn(n, k, generator=gen, device="cuda") / k**0.5
-    q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype)
+    q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype, pow2=fp8)
     weight_q = numerics.expand_2level(q, mult, 64) if two_level else q
+    if fp8:
+        weight_q = numerics.to_fp8_operand(weight_q)
     lora_act = torch.randn(m, rank, generator=gen, device="cuda").to(dtype)
     lora_up = (torch.randn(n, rank, generator=gen, device="cuda") / 4).to(dtype)
     bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
@@ -49,12 +51,12 @@ def _gemm_inputs(m, n, k, rank, dtype, two_level, gen):
 
 @pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
 @pytest.mark.parametrize("m", FLUX_M)
-@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
-def test_w4a4_gemm_flux_shapes(two_level, m, n, k):
+@pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
+def test_w4a4_gemm_flux_shapes(two_level, fp8, m, n, k):
     from svdq_compile.kernels.w4a4_gemm import w4a4_gemm
 
-    gen = torch.Generator(device="cuda").manual_seed(seed(two_level, m, n, k))
-    args = _gemm_inputs(m, n, k, 32, torch.bfloat16, two_level, gen)
+    gen = torch.Generator(device="cuda").manual_seed(seed(two_level, fp8, m, n, k))
+    args = _gemm_inputs(m, n, k, 32, torch.bfloat16, two_level, gen, fp8)
     w4a4_gemm(*args, torch.bfloat16)  # tunes on the first call: poison the call after it
     _poison(((m, n), torch.bfloat16))
     out = w4a4_gemm(*args, torch.bfloat16)
@@ -64,9 +66,10 @@ def test_w4a4_gemm_flux_shapes(two_level, m, n, k):
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside the bound, first at {bad.nonzero()[0].tolist()}"
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
 @pytest.mark.parametrize("gelu", [(0, 0), (1000, 2900)], ids=["plain", "gelu"])
 @pytest.mark.parametrize("m,n,k,split_k", [(4608, 3072, 15360, 1), (4608, 3072, 3072, 1), (512, 3072, 12288, 2), (512, 3072, 3072, 4)])
-def test_w4a4_gemm_split_tail_and_split_k(m, n, k, split_k, gelu):
+def test_w4a4_gemm_split_tail_and_split_k(m, n, k, split_k, gelu, fp8):
     """The FLUX shapes these configs exist for, forced: 4608 rows leave a last wave of 36 tiles
     on 132 SMs (persistent launch + tail split along K), 512 rows give 96 tiles (split-K)."""
     from svdq_compile.kernels import w4a4_gemm as gk
@@ -76,7 +79,7 @@ def test_w4a4_gemm_split_tail_and_split_k(m, n, k, split_k, gelu):
         tiles = -(-m // 256) * -(-n // 128)
         assert gk._tail_split(tiles, min(gk.sm_count(torch.device("cuda")), tiles), k // 128)[1] > 1
     gen = torch.Generator(device="cuda").manual_seed(seed("tail", m, n, k))
-    args = _gemm_inputs(m, n, k, 32, torch.bfloat16, True, gen)
+    args = _gemm_inputs(m, n, k, 32, torch.bfloat16, True, gen, fp8)
     _, ref, bound = gelu_gemm_bound(args, torch.bfloat16, *gelu)
     for _ in range(2):  # the second launch checks that the first left the workspace clean
         _poison(((m, n), torch.bfloat16))
@@ -87,23 +90,23 @@ def test_w4a4_gemm_split_tail_and_split_k(m, n, k, split_k, gelu):
 
 @pytest.mark.parametrize("k", sorted({k for _, k in FLUX_NK}))
 @pytest.mark.parametrize("m", FLUX_M)
-@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
-def test_quantize_act_lowrank_down_flux_shapes(two_level, m, k):
+@pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
+def test_quantize_act_lowrank_down_flux_shapes(two_level, fp8, m, k):
     from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down, quantize_act_lowrank_down_reference
 
-    gen = torch.Generator(device="cuda").manual_seed(seed("q", two_level, m, k))
+    gen = torch.Generator(device="cuda").manual_seed(seed("q", two_level, fp8, m, k))
     x = outlier_input(m, k, torch.bfloat16, gen)
     x[0, 5] = float("nan") if m > 1 else x[0, 5]
     smooth_inv = 0.25 + torch.rand(k, generator=gen, device="cuda")
     lora_down = (torch.randn(32, k, generator=gen, device="cuda") / k**0.5).bfloat16()
     scale_shape = (m,) if two_level else (m, k // 64)
     _poison(((m, 32), torch.bfloat16), (scale_shape, torch.float32), ((m, k), torch.int8))  # probe: act_q
-    act_q, scales, lora_act = quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level)
+    act_q, scales, lora_act = quantize_act_lowrank_down(x, smooth_inv, lora_down, 64, two_level, fp8=fp8)
     # The reference runs on the CPU: PyTorch on CUDA divides by a Python scalar (the 112 and 7 of
     # the scales) as a multiplication by its rounded reciprocal, which is not the division the
     # oracle specifies (and the CPU computes).
-    ref_q, ref_scales, ref_lora = (t.cuda() for t in quantize_act_lowrank_down_reference(x.cpu(), smooth_inv.cpu(), lora_down.cpu(), 64, two_level))
-    assert torch.equal(act_q, ref_q)
+    ref_q, ref_scales, ref_lora = (t.cuda() for t in quantize_act_lowrank_down_reference(x.cpu(), smooth_inv.cpu(), lora_down.cpu(), 64, two_level, fp8=fp8))
+    assert act_q.dtype == ref_q.dtype and torch.equal(act_q.float(), ref_q.float())
     assert torch.equal(scales.isnan(), ref_scales.isnan()) and torch.equal(scales.nan_to_num(), ref_scales.nan_to_num())
     finite = torch.isfinite(ref_lora.float()).all(dim=1)
     bound = k * FP32_EPS * (x.float().abs() @ lora_down.float().abs().T) + ulp_bound(ref_lora.float(), torch.bfloat16)
@@ -155,12 +158,14 @@ def test_ranks(rank):
     assert ((out.float() - ref).abs() <= bound).all()
 
 
-def _op_args(m_shape, n, k, rank, dtype, two_level, gen):
+def _op_args(m_shape, n, k, rank, dtype, two_level, gen, fp8=False):
     x = outlier_input(int(torch.tensor(m_shape).prod()), k, dtype, gen).reshape(*m_shape, k)
     smooth_inv = 0.5 + torch.rand(k, generator=gen, device="cuda")
     weight = torch.randn(n, k, generator=gen, device="cuda") / k**0.5
-    q, scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype)
+    q, scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype, pow2=fp8)
     weight_q = numerics.expand_2level(q, mult, 64) if two_level else q
+    if fp8:
+        weight_q = numerics.to_fp8_operand(weight_q)
     lora_down = (torch.randn(rank, k, generator=gen, device="cuda") / k).to(dtype)
     lora_up = (torch.randn(n, rank, generator=gen, device="cuda") / 4).to(dtype)
     bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
@@ -168,9 +173,9 @@ def _op_args(m_shape, n, k, rank, dtype, two_level, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
+@pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
 @pytest.mark.parametrize("m_shape,n,k", [((2, 77), 3072, 3072), ((1, 333), 3072, 15360), ((3,), 21504, 3072)], ids=str)
-def test_custom_op_on_cuda_matches_reference(m_shape, n, k, two_level, dtype):
+def test_custom_op_on_cuda_matches_reference(m_shape, n, k, two_level, fp8, dtype):
     """torch.ops.svdq.w4a4_linear on CUDA (both kernels) vs numerics.w4a4_linear_reference.
 
     lora_act is rounded to x's dtype in both, from fp32 sums that may differ in order, so it may
@@ -178,21 +183,22 @@ def test_custom_op_on_cuda_matches_reference(m_shape, n, k, two_level, dtype):
     """
     from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down
 
-    gen = torch.Generator(device="cuda").manual_seed(seed("op", m_shape, n, k, two_level, dtype))
-    x, weight_q, scales, smooth_inv, lora_down, lora_up, bias = _op_args(m_shape, n, k, 32, dtype, two_level, gen)
+    gen = torch.Generator(device="cuda").manual_seed(seed("op", m_shape, n, k, two_level, fp8, dtype))
+    x, weight_q, scales, smooth_inv, lora_down, lora_up, bias = _op_args(m_shape, n, k, 32, dtype, two_level, gen, fp8)
     out = torch.ops.svdq.w4a4_linear(x, weight_q, scales, smooth_inv, lora_down, lora_up, bias, 64)
     cpu = [t.cpu() for t in (x, weight_q, scales, smooth_inv, lora_down, lora_up, bias)]
     ref = numerics.w4a4_linear_reference(*cpu, 64).cuda()  # on the CPU: see test_quantize_act_lowrank_down_flux_shapes
     assert out.shape == ref.shape and out.dtype == dtype
-    act_q, act_scales, lora_act = quantize_act_lowrank_down(x.reshape(-1, k), smooth_inv, lora_down, 64, two_level)
+    act_q, act_scales, lora_act = quantize_act_lowrank_down(x.reshape(-1, k), smooth_inv, lora_down, 64, two_level, fp8=fp8)
     _, bound = gemm_bound((act_q, act_scales, weight_q, scales, lora_act, lora_up, bias), dtype)
     bound += 2.0 ** -MANTISSA_BITS[dtype] * (lora_act.float().abs() @ lora_up.float().abs().T)
     assert ((out.float() - ref.float()).reshape(-1, n).abs() <= bound).all()
     if x.dim() == 3:  # a non-contiguous input is copied first: the same numbers come out
         strided = torch.ops.svdq.w4a4_linear(x.transpose(0, 1), weight_q, scales, smooth_inv, lora_down, lora_up, bias, 64)
         assert torch.equal(strided, out.transpose(0, 1))
-    packed = numerics.pack_weight_operand(weight_q, 64, two_level)  # 4-bit weights in memory: same output
-    assert torch.equal(torch.ops.svdq.w4a4_linear(x, packed, scales, smooth_inv, lora_down, lora_up, bias, 64), out)
+    if not fp8:  # 4-bit weights in memory: same output (int4_pow2 has no packed form)
+        packed = numerics.pack_weight_operand(weight_q, 64, two_level)
+        assert torch.equal(torch.ops.svdq.w4a4_linear(x, packed, scales, smooth_inv, lora_down, lora_up, bias, 64), out)
 
 
 @pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])

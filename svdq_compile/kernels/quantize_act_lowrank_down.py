@@ -7,6 +7,7 @@ FLUX's single blocks feed ``proj_out`` the attention output and the MLP activati
 rows may be strided) and returns
 
 * ``act_q`` int8 [M, K]: the GEMM operand, ``q * mult`` (two-level) or ``q`` (float group scales);
+  with ``fp8`` ("int4_pow2") the multipliers are powers of two and ``act_q`` is float8_e4m3fn;
 * ``act_scales``: fp32 [M] row scales ``s1`` (two-level) or fp32 [M, K / group_size] group scales;
 * ``lora_act`` [M, R] in x's dtype: ``x @ lora_down^T`` accumulated in fp32, then cast.
 
@@ -126,8 +127,8 @@ def _row_max_lowrank_kernel(
 def _quantize_kernel(
     x_ptr, tail_ptr, smooth_ptr, max_ptr, partial_ptr, q_ptr, scale_ptr, lora_ptr,
     M, K, R, K_PER_SPLIT, stride_x, stride_tail, K_HEAD,
-    GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, HAS_LORA: tl.constexpr, STAT_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, POW2: tl.constexpr, HAS_LORA: tl.constexpr, STAT_SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
 ):
     """Quantize token rows [row_block * BLOCK_M, ...) over K slice ``split`` in one sweep.
 
@@ -175,6 +176,8 @@ def _quantize_kernel(
         group_max = tl.reduce(tl.abs(xg), 2, _max_propagate_nan)
         if TWO_LEVEL:
             mult = tl.minimum(tl.maximum(tl.ceil(tl.math.div_rn(group_max, mult_divisor)), 1.0), 16.0)
+            if POW2:  # the power of two at or above the integer multiplier
+                mult = tl.where(mult > 8.0, 16.0, tl.where(mult > 4.0, 8.0, tl.where(mult > 2.0, 4.0, mult)))
             step = s1_safe[:, None] * mult
             q = _round_int4(_divide(xg, step[:, :, None], tl.math.div_rn(1.0, step)[:, :, None]))
             q = tl.where(row_finite, q * mult[:, :, None], 0.0)
@@ -187,7 +190,8 @@ def _quantize_kernel(
             offs_g = k0 // GROUP + tl.arange(0, NUM_GROUPS)
             tl.store(scale_ptr + offs_m.to(tl.int64)[:, None] * num_groups_k + offs_g[None, :], scale,
                      mask=mask_m[:, None] & (offs_g[None, :] < k_end // GROUP))
-        tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)).to(tl.int8), mask=mask)
+        # int8, or fp8 e4m3 for power-of-two multipliers (q * 2^e is exact there)
+        tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 _MAX_FUSED_RANK = 256
@@ -304,6 +308,7 @@ def quantize_act_lowrank_down(
     two_level: bool,
     config: QuantizeConfig | None = None,
     x_tail: Tensor | None = None,
+    fp8: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize ``x * smooth_inv`` per token and compute ``x @ lora_down^T`` (two launches), where
     x is ``x2d`` or, given ``x_tail``, ``cat([x2d, x_tail], -1)`` without forming it.
@@ -319,9 +324,11 @@ def quantize_act_lowrank_down(
         x_tail: [M, K2] of x2d's dtype, the columns after x2d's (rows may be strided). Read in place
             when K1 is a multiple of both launches' K tiles (so no tile straddles the two pieces);
             otherwise the pieces are concatenated first. Launch 1 then runs once per piece.
+        fp8: with ``two_level``, the "int4_pow2" format: power-of-two multipliers, ``act_q`` in
+            float8_e4m3fn.
 
     Returns:
-        ``(act_q int8 [M, K], act_scales fp32 [M] or [M, K / group_size], lora_act [M, R] x.dtype)``.
+        ``(act_q int8 or fp8 [M, K], act_scales fp32 [M] or [M, K / group_size], lora_act [M, R] x.dtype)``.
 
     Example:
         >>> x = torch.randn(5, 128)
@@ -330,6 +337,8 @@ def quantize_act_lowrank_down(
         (torch.int8, (5,), (5, 16))
     """
     k = _check_args(x2d, x_tail, smooth_inv, lora_down, group_size)
+    if fp8 and not two_level:
+        raise ValueError("quantize_act_lowrank_down: fp8 (power-of-two multipliers) needs two_level=True")
     m = x2d.shape[0]
     cfg = config or default_quantize_config(m, k, lora_down.shape[0], group_size)
     if cfg.block_k % group_size:
@@ -338,7 +347,7 @@ def quantize_act_lowrank_down(
         x2d, x_tail = torch.cat((x2d, x_tail), dim=1), None
     if lora_down.shape[0] > _MAX_FUSED_RANK:
         # Ranks past 256 (many appended LoRAs): one more fp32 matmul rather than a third rank chunk.
-        act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down[:_MAX_FUSED_RANK], group_size, two_level, config, x_tail)
+        act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down[:_MAX_FUSED_RANK], group_size, two_level, config, x_tail, fp8)
         x_full = x2d if x_tail is None else torch.cat((x2d, x_tail), dim=1)
         extra = (x_full.float() @ lora_down[_MAX_FUSED_RANK:].float().T).to(x2d.dtype)
         return act_q, act_scales, torch.cat((lora_act, extra), dim=1)
@@ -346,7 +355,7 @@ def quantize_act_lowrank_down(
     tail = head if x_tail is None else _unit_column_stride(x_tail)
     rank = lora_down.shape[0]
     device = x2d.device
-    act_q = torch.empty((m, k), dtype=torch.int8, device=device)
+    act_q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=device)
     act_scales = torch.empty((m,) if two_level else (m, k // group_size), dtype=torch.float32, device=device)
     lora_act = torch.empty((m, rank), dtype=x2d.dtype, device=device)
     if m == 0:
@@ -385,7 +394,7 @@ def quantize_act_lowrank_down(
     _quantize_kernel[(plan.quantize_programs,)](
         head, tail, smooth, row_max, partials, act_q, act_scales, lora_act, m, k, rank, plan.quantize_width,
         head.stride(0), tail.stride(0), head.shape[1],
-        GROUP=group_size, TWO_LEVEL=two_level, HAS_LORA=rank > 0, STAT_SPLITS=stat_splits,
+        GROUP=group_size, TWO_LEVEL=two_level, POW2=fp8, HAS_LORA=rank > 0, STAT_SPLITS=stat_splits,
         BLOCK_R=plan.block_r, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, K_SPLIT=plan.quantize_splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -393,7 +402,7 @@ def quantize_act_lowrank_down(
 
 
 def quantize_act_lowrank_down_reference(
-    x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int, two_level: bool, x_tail: Tensor | None = None
+    x2d: Tensor, smooth_inv: Tensor, lora_down: Tensor, group_size: int, two_level: bool, x_tail: Tensor | None = None, fp8: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What ``quantize_act_lowrank_down`` computes, in plain PyTorch (``numerics.quantize_activations``).
 
@@ -405,7 +414,7 @@ def quantize_act_lowrank_down_reference(
     """
     if x_tail is not None:
         x2d = torch.cat((x2d, x_tail), dim=1)
-    act_q, act_scales = quantize_activations(x2d.float() * smooth_inv.float(), group_size, two_level)
+    act_q, act_scales = quantize_activations(x2d.float() * smooth_inv.float(), group_size, two_level, fp8)
     lora_act = (x2d.float() @ lora_down.float().T).to(x2d.dtype)
     return act_q, act_scales.float(), lora_act
 

@@ -3,7 +3,12 @@
 ``w4a4_gemm(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, out_dtype)``:
 
 * two-level scales (``act_scales`` [M], ``weight_scales`` [N]): one plain int8 tensor-core dot over
-  all of K with int32 accumulation, then ``float(acc) * s_act[m] * s_w[n]`` in the epilogue;
+  all of K with int32 accumulation, then ``float(acc) * s_act[m] * s_w[n]`` in the epilogue; or,
+  for fp8 e4m3 operands ("int4_pow2": the same small integers, exactly), one fp8 dot with fp32
+  accumulation. Triton 3.6 keeps one fp8 wgmma in flight while it issues the next, but waits for
+  every int8 one: the fp8 main loop runs 8-16% faster on an H200 (KERNEL_NOTES.md, v10). NVIDIA
+  does not specify fp8 accumulation as exact, but an H200 summed every FLUX-shaped test dot
+  exactly, and the GPU tests hold it to the int8 bound;
 * float group scales (``act_scales`` [M, K/G], ``weight_scales`` [N, K/G]): one int8 dot per group,
   rescaled and summed in fp32 in the K loop (exact per-group integer dots, slower);
 * then ``+= lora_act @ lora_up^T`` (fp32 accumulation, the rank looped in chunks, so ranks up to 256
@@ -52,7 +57,7 @@ def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _w4a4_gemm_kernel(
     a_ptr, sa_ptr, w_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
     M, N, K, R, gelu_start, gelu_end, first_tile,
-    TWO_LEVEL: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr,
+    TWO_LEVEL: tl.constexpr, ACC_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr,
     LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -77,16 +82,16 @@ def _w4a4_gemm_kernel(
     w_ptrs = w_ptr + rows_w[:, None] * K + (k_tile_start * BLOCK_K + offs_k)[None, :]
 
     if TWO_LEVEL:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for kt in range(k_tile_start, k_tile_end):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 w = tl.load(w_ptrs)
             else:
                 k_ok = (kt * BLOCK_K + offs_k) < K
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
-            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=ACC_DTYPE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if SPLIT_K == 1:
@@ -96,7 +101,8 @@ def _w4a4_gemm_kernel(
         else:
             # Each split stores its partial sums in its own slice of the tile's workspace (rows and
             # columns past M and N hold sums of valid rows, never stored: no masks); the split that
-            # arrives last adds up all slices (exact integer sums) and finishes the tile.
+            # arrives last adds up all slices (in split order: exact for int32, deterministic for
+            # fp32) and finishes the tile.
             tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
             in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             tile_ws = ws_ptr + pid.to(tl.int64) * (SPLIT_K * tile_elems) + in_tile
@@ -133,24 +139,26 @@ def _w4a4_gemm_kernel(
 def _w4a4_gemm_persistent_kernel(
     a_desc, w_desc, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
     M, N, K, R, gelu_start, gelu_end, num_tiles,
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     """Two-level scales, large M: one program per SM walks the first ``num_tiles`` output tiles
-    (grouped order), loading the int8 operands through TMA descriptors (zero-filled past M, N and K,
-    so no masks or address arithmetic in the K loop); the flattened loop lets the next tile's loads
-    start during the current tile's epilogue."""
+    (grouped order), loading the 8-bit operands through TMA descriptors (zero-filled past M, N and
+    K, so no masks or address arithmetic in the K loop). For int8 the tile and K loops are
+    flattened into one, so the next tile's loads start during the current tile's epilogue; for
+    fp8 they are not: in a flattened loop Triton 3.6 waits for every fp8 wgmma (as it always does
+    for int8 ones), 22% slower at 4608 x 3072 x 15360 on an H200 (KERNEL_NOTES.md, v10)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=ACC_DTYPE == tl.int32):
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for kt in range(0, k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
             w = w_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
-            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=ACC_DTYPE)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_a = (offs_m % M).to(tl.int64)
@@ -273,8 +281,9 @@ def _split_k_workspace(device: torch.device, elems: int, tiles: int) -> tuple[Te
 
 def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scales: Tensor, lora_act: Tensor, lora_up: Tensor, bias: Tensor | None) -> int:
     """Validate shapes; return the group size (0 for two-level scales)."""
-    if act_q.dtype != torch.int8 or weight_q.dtype != torch.int8 or act_q.dim() != 2 or weight_q.dim() != 2:
-        raise ValueError(f"w4a4_gemm: act_q [M, K] and weight_q [N, K] must be 2-D int8, got {act_q.dtype} {tuple(act_q.shape)} and {weight_q.dtype} {tuple(weight_q.shape)}")
+    if act_q.dtype != weight_q.dtype or act_q.dtype not in (torch.int8, torch.float8_e4m3fn) or act_q.dim() != 2 or weight_q.dim() != 2:
+        raise ValueError(f"w4a4_gemm: act_q [M, K] and weight_q [N, K] must be 2-D, both int8 or both float8_e4m3fn, "
+                         f"got {act_q.dtype} {tuple(act_q.shape)} and {weight_q.dtype} {tuple(weight_q.shape)}")
     (m, k), (n, k_w) = act_q.shape, weight_q.shape
     if k != k_w:
         raise ValueError(f"w4a4_gemm: act_q has K = {k} but weight_q has K = {k_w}")
@@ -286,6 +295,8 @@ def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scal
             raise ValueError(f"w4a4_gemm: group size {group} is not a power of two in 16..256; use the reference op")
     else:
         raise ValueError(f"w4a4_gemm: scales must be [M]+[N] (two-level) or [M, K/G]+[N, K/G] (groups), got {tuple(act_scales.shape)} and {tuple(weight_scales.shape)}")
+    if group and act_q.dtype != torch.int8:
+        raise ValueError("w4a4_gemm: float8_e4m3fn operands take two-level scales ([M] and [N]), not group scales")
     rank = lora_act.shape[1] if lora_act.dim() == 2 else -1
     if lora_act.shape != (m, rank) or lora_up.shape != (n, rank) or lora_act.dtype not in _TORCH_TO_TL or lora_up.dtype not in _TORCH_TO_TL:
         raise ValueError(f"w4a4_gemm: lora_act must be float [{m}, R] and lora_up float [{n}, R], got {tuple(lora_act.shape)} and {tuple(lora_up.shape)}")
@@ -296,6 +307,7 @@ def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scal
 
 def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, gelu: tuple[int, int], lora_dtype: torch.dtype, cfg: GemmConfig) -> None:
     two_level = group == 0
+    acc_dtype = tl.int32 if args[0].dtype == torch.int8 else tl.float32
     block_r = 16 if rank <= 16 else (32 if rank <= 32 else 64)
     lora_tl, lora_precision = _TORCH_TO_TL[lora_dtype], "ieee" if lora_dtype == torch.float32 else "tf32"
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
@@ -309,17 +321,19 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
         _w4a4_gemm_persistent_kernel[(programs,)](
             TensorDescriptor.from_tensor(act_q, [cfg.block_m, cfg.block_k]), TensorDescriptor.from_tensor(weight_q, [cfg.block_n, cfg.block_k]),
             act_scales, weight_scales, lora_act, lora_up, bias, out, m, n, k, rank, *gelu, first_tile,
-            HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
+            ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
             GROUP_M=cfg.group_m, NUM_PROGRAMS=programs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if first_tile == tiles:
             return
     ws, counts = _split_k_workspace(args[0].device, (tiles - first_tile) * split_k * cfg.block_m * cfg.block_n, tiles - first_tile) if split_k > 1 else (args[0], args[0])
+    if split_k > 1 and acc_dtype == tl.float32:
+        ws = ws.view(torch.float32)  # fp8 partial sums
     block_k = cfg.block_k if two_level else group
     _w4a4_gemm_kernel[(tiles - first_tile, split_k)](
         *args, ws, counts, m, n, k, rank, *gelu, first_tile,
-        TWO_LEVEL=two_level, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(group, 1),
+        TWO_LEVEL=two_level, ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(group, 1),
         LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         GROUP_M=cfg.group_m, SPLIT_K=split_k, EVEN_K=k % (block_k * split_k) == 0,
@@ -358,7 +372,8 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
 
 
 def tuned_configs() -> dict[tuple, GemmConfig]:
-    """The configs chosen so far, keyed by (two_level, M bucket, N, K, rank chunks, lora dtype, out dtype).
+    """The configs chosen so far, keyed by (group size or 0 for two-level, operand dtype, M bucket, N,
+    K, rank chunks, lora dtype, out dtype).
 
     Example:
         >>> isinstance(tuned_configs(), dict)
@@ -384,9 +399,10 @@ def w4a4_gemm(
     with GELU (tanh approximation) on the output columns ``gelu_start:gelu_end``.
 
     Args:
-        act_q: [M, K] int8 activations (``q * mult`` or ``q``).
+        act_q: [M, K] int8 activations (``q * mult`` or ``q``), or float8_e4m3fn holding ``q * mult``
+            (two-level scales only; weight_q then too).
         act_scales: fp32 [M] (two-level) or [M, K/G] (group scales).
-        weight_q: [N, K] int8.
+        weight_q: [N, K] of act_q's dtype.
         weight_scales: [N] fp32 (two-level) or [N, K/G] any float dtype.
         lora_act: [M, R] 16-bit or fp32 (R = 0 allowed, any R; chunks of up to 64).
         lora_up: [N, R]; a dtype other than lora_act's is multiplied in fp32.
@@ -415,7 +431,7 @@ def w4a4_gemm(
     args = (act_q.contiguous(), act_scales.contiguous(), weight_q.contiguous(), weight_scales.contiguous(),
             lora_act.contiguous(), lora_up.contiguous(), bias if bias is not None else act_scales, out)
     if config is None:
-        key = (group, _m_bucket(m), n, k, triton.cdiv(rank, 64), lora_dtype, out_dtype)
+        key = (group, act_q.dtype, _m_bucket(m), n, k, triton.cdiv(rank, 64), lora_dtype, out_dtype)
         config = _tuned.get(key)
         if config is None:
             if act_q.is_cuda and not torch.cuda.is_current_stream_capturing():
