@@ -10,7 +10,8 @@ time is cold, memory is the configuration's own, and the disk cache is the only 
 * fp8 dynamic rowwise (torch._scaled_mm, e4m3, per-token x per-channel scales), Inductor;
 * int4 weight-only (torch._weight_int4pack_mm, group 64), Inductor;
 * svdquant (backend="svdquant", rank 32), cold and again with a warm cache; svdquant + a rank-32 LoRA;
-  svdquant with 4-bit packed weights in memory (``packed_weights=True``);
+  svdquant with 4-bit packed weights in memory (``packed_weights=True``); svdquant in the
+  "int4_pow2" format (power-of-two group multipliers, fp8 operands and tensor cores);
 * bf16 Inductor and svdquant with the compiled forward captured as one CUDA graph
   (``torch.cuda.graph``; static shapes), which takes the per-call CPU work (Python, kernel
   launches, guards) out of the forward. (``mode="reduce-overhead"`` with regional compilation
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CONFIGS = ["bf16 eager", "bf16 inductor", "fp8 rowwise", "int4 weight-only", "svdquant", "svdquant warm", "svdquant + LoRA",
-           "svdquant packed", "bf16 inductor + CUDA graph", "svdquant + CUDA graph", "svdquant + LoRA + CUDA graph",
+           "svdquant packed", "svdquant pow2", "bf16 inductor + CUDA graph", "svdquant + CUDA graph", "svdquant + LoRA + CUDA graph",
            "bf16 inductor whole model", "svdquant whole model"]
 TEXT_TOKENS = 512
 GROUP = 64
@@ -235,6 +236,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         "fp8 rowwise": Fp8RowwiseLinear,
         "int4 weight-only": Int4WeightOnlyLinear,
         "svdquant": lambda lin: QuantizedLinear.from_linear(lin, SVDQuantConfig(rank=32)),
+        "svdquant pow2": lambda lin: QuantizedLinear.from_linear(lin, SVDQuantConfig(rank=32, format="int4_pow2")),
     }
     quantizer = quantizers.get(name)  # per-layer errors once per method, not again for warm / LoRA runs
     if quantizer is not None:
@@ -255,6 +257,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         model.compile_repeated_blocks(fullgraph=True)
     elif name == "svdquant packed":
         model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options | {"packed_weights": True})
+    elif name == "svdquant pow2":
+        model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options | {"format": "int4_pow2"})
     elif name.startswith("svdquant"):
         model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options)
     torch.cuda.synchronize()

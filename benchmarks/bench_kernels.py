@@ -1,6 +1,6 @@
 """W4A4 kernels vs cuBLAS and torch baselines at FLUX linear shapes, on one GPU in one run.
 
-    python benchmarks/bench_kernels.py [--out DIR] [--quick]
+    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--shapes MxNxK ...] [--sweep gemm]
 
 Every path computes one linear layer ``[M, K] -> [M, N]`` in bf16 (rank-32 low-rank branch and bias
 where the path has them). Times are CUDA-graph replays (median of 25, after warm-up), so Python
@@ -17,8 +17,10 @@ Paths:
 * svdq unfused: quantize kernel (no low-rank part), ``torch._int_mm``, eager rescale, two cuBLAS
   low-rank matmuls, add, bias.
 * svdq fused: ``quantize_act_lowrank_down`` + ``w4a4_gemm``, two-level scales, int8 weights in memory.
+* svdq pow2: the same in the "int4_pow2" format (power-of-two multipliers, fp8 operands and tensor cores).
 * svdq packed: the same with 4-bit packed weights in memory, expanded by ``unpack_weight`` first.
-* gemm only: ``w4a4_gemm`` alone (two-level, low-rank epilogue and bias), on pre-quantized input.
+* gemm only: ``w4a4_gemm`` alone (two-level, low-rank epilogue and bias), on pre-quantized input;
+  gemm only pow2: the same with fp8 operands.
 * groups fused: the fused path with float group scales ("int4" format).
 And ``quantize_act_lowrank_down`` alone, as a fraction of the measured device copy bandwidth.
 """
@@ -48,7 +50,7 @@ M_VALUES = [1, 77, 256, 4096, 4608]
 NK_VALUES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360)]
 RANK = 32
 GROUP = 64
-PATHS = ["bf16", "fp8 rowwise", "int4 wo", "svdq unfused", "svdq fused", "svdq packed", "gemm only", "groups fused"]
+PATHS = ["bf16", "fp8 rowwise", "int4 wo", "svdq unfused", "svdq fused", "svdq pow2", "svdq packed", "gemm only", "gemm only pow2", "groups fused"]
 
 
 def copy_bandwidth() -> float:
@@ -98,6 +100,8 @@ def build_layer(n: int, k: int, gen: torch.Generator) -> dict:
     layer = {"w_bf16": w.bfloat16(), "bias": torch.randn(n, generator=gen, device="cuda").bfloat16()}
     q, s1, mult = numerics.quantize_weight(w, GROUP, True, torch.bfloat16)
     layer["wq2"], layer["ws2"] = numerics.expand_2level(q, mult, GROUP), s1
+    q, s1, mult = numerics.quantize_weight(w, GROUP, True, torch.bfloat16, pow2=True)
+    layer["wq_pow2"], layer["ws_pow2"] = numerics.to_fp8_operand(numerics.expand_2level(q, mult, GROUP)), s1
     qg, sg, _ = numerics.quantize_weight(w, GROUP, False, torch.bfloat16)
     layer["wqg"], layer["wsg"] = qg, sg
     layer["wq2_packed"] = numerics.pack_weight_operand(layer["wq2"], GROUP, True)
@@ -116,6 +120,7 @@ def build_layer(n: int, k: int, gen: torch.Generator) -> dict:
 def make_paths(m: int, layer: dict, x: torch.Tensor) -> dict:
     """Closures for every path on one (layer, input) set."""
     pre_q, pre_s, pre_la = quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, True)
+    pre_q8, pre_s8, _ = quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, True, fp8=True)
     x_fp8_scale = (x.float().abs().amax(1, keepdim=True) / 448).clamp_min(1e-12)
     x_fp8 = (x.float() / x_fp8_scale).to(torch.float8_e4m3fn)
     no_lora = layer["lora_down"][:0]
@@ -127,10 +132,12 @@ def make_paths(m: int, layer: dict, x: torch.Tensor) -> dict:
         low = (x @ layer["lora_down"].T) @ layer["lora_up"].T
         return (acc.float() * a_s[:, None] * layer["ws2"][None, :] + low + layer["bias"]).bfloat16()
 
-    def fused(two_level: bool, packed: bool = False):
+    def fused(two_level: bool, packed: bool = False, pow2: bool = False):
         def run():
-            a_q, a_s, la = quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, two_level)
+            a_q, a_s, la = quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, two_level, fp8=pow2)
             wq, ws = (layer["wq2"], layer["ws2"]) if two_level else (layer["wqg"], layer["wsg"])
+            if pow2:
+                wq, ws = layer["wq_pow2"], layer["ws_pow2"]
             if packed:
                 wq = unpack_weight(layer["wq2_packed"], x.shape[1], GROUP, True)
             return w4a4_gemm(a_q, a_s, wq, ws, la, layer["lora_up"], layer["bias"], torch.bfloat16)
@@ -143,8 +150,10 @@ def make_paths(m: int, layer: dict, x: torch.Tensor) -> dict:
         "int4 wo": lambda: torch._weight_int4pack_mm(x, layer["w_int4"], GROUP, layer["w_int4_sz"]) + layer["bias"],
         "svdq unfused": unfused,
         "svdq fused": fused(True),
+        "svdq pow2": fused(True, pow2=True),
         "svdq packed": fused(True, packed=True),
         "gemm only": lambda: w4a4_gemm(pre_q, pre_s, layer["wq2"], layer["ws2"], pre_la, layer["lora_up"], layer["bias"], torch.bfloat16),
+        "gemm only pow2": lambda: w4a4_gemm(pre_q8, pre_s8, layer["wq_pow2"], layer["ws_pow2"], pre_la, layer["lora_up"], layer["bias"], torch.bfloat16),
         "groups fused": fused(False),
         "quantize": lambda: quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, True),
     }
@@ -156,8 +165,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two shapes only (a smoke test)")
     parser.add_argument("--sweep", choices=["quantize", "gemm", "fusions", "all"],
                         help="first time launch configs one by one (quantize, gemm), or the GELU and cat folds against their unfolded form (fusions)")
-    parser.add_argument("--shapes", nargs="+", metavar="MxNxK", help="GEMM shapes of the gemm sweep (default: FLUX's)")
+    parser.add_argument("--shapes", nargs="+", metavar="MxNxK", help="GEMM shapes of the table and the gemm sweep (default: FLUX's)")
     args = parser.parse_args()
+    chosen = [tuple(map(int, shape.split("x"))) for shape in args.shapes or []]
     torch.manual_seed(0)
     gen = torch.Generator(device="cuda").manual_seed(0)
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
@@ -171,12 +181,13 @@ def main() -> None:
     if args.sweep in ("quantize", "all"):
         sweep_quantize(gen, bandwidth, l2_bytes)
     if args.sweep in ("gemm", "all"):
-        sweep_configs(gen, [tuple(map(int, shape.split("x"))) for shape in args.shapes] if args.shapes else SWEEP_SHAPES)
+        sweep_configs(gen, chosen or SWEEP_SHAPES)
     if args.sweep in ("fusions", "all"):
         sweep_fusions(gen, l2_bytes)
     shapes = [(m, n, k) for (n, k) in NK_VALUES for m in M_VALUES]
     if args.quick:
         shapes = [(77, 3072, 3072), (4096, 12288, 3072)]
+    shapes = chosen or shapes
     rows = []
     for n, k in dict.fromkeys((n, k) for _, n, k in shapes):
         layers = None
@@ -229,23 +240,25 @@ SWEEP_EXTRA = [
 
 
 def sweep_configs(gen: torch.Generator, shapes: list[tuple[int, int, int]]) -> None:
-    """TOPS of w4a4_gemm (two-level, rank 32, bias) for every candidate and some extra tile configs."""
+    """TOPS of w4a4_gemm (two-level, rank 32, bias) for every candidate and some extra tile configs,
+    with int8 and with fp8 ("int4_pow2") operands."""
     for m, n, k in shapes:
         layer = build_layer(n, k, gen)
         x = (torch.randn(m, k, generator=gen, device="cuda") * 3).bfloat16()
-        a_q, a_s, la = quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, True)
         results = []
-        expected = w4a4_gemm_reference(a_q, a_s, layer["wq2"], layer["ws2"], la, layer["lora_up"], layer["bias"], torch.bfloat16).float()
-        for cfg in gemm_module._candidate_configs(m, True, GROUP) + SWEEP_EXTRA:
-            call = lambda cfg=cfg: w4a4_gemm(a_q, a_s, layer["wq2"], layer["ws2"], la, layer["lora_up"], layer["bias"], torch.bfloat16, config=cfg)
-            try:
-                error = ((call().float() - expected).norm() / expected.norm()).item()
-                ms = do_bench(call, warmup=10, rep=50, return_mode="median")
-            except Exception as exc:
-                results.append(f"{cfg}: {type(exc).__name__}: {str(exc)[:300]}")
-                continue
-            verdict = "" if error < 1e-2 else f"  WRONG (relative error {error:.3g})"
-            results.append(f"{2 * m * n * k / (ms * 1e-3) / 1e12:7.0f} TOPS {ms * 1e3:8.1f} us  {cfg}{verdict}")
+        for pow2, wq, ws in ((False, layer["wq2"], layer["ws2"]), (True, layer["wq_pow2"], layer["ws_pow2"])):
+            a_q, a_s, la = quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, True, fp8=pow2)
+            expected = w4a4_gemm_reference(a_q, a_s, wq, ws, la, layer["lora_up"], layer["bias"], torch.bfloat16).float()
+            for cfg in gemm_module._candidate_configs(m, True, GROUP) + SWEEP_EXTRA:
+                call = lambda cfg=cfg: w4a4_gemm(a_q, a_s, wq, ws, la, layer["lora_up"], layer["bias"], torch.bfloat16, config=cfg)
+                try:
+                    error = ((call().float() - expected).norm() / expected.norm()).item()
+                    ms = do_bench(call, warmup=10, rep=50, return_mode="median")
+                except Exception as exc:
+                    results.append(f"{a_q.dtype} {cfg}: {type(exc).__name__}: {str(exc)[:300]}")
+                    continue
+                verdict = "" if error < 1e-2 else f"  WRONG (relative error {error:.3g})"
+                results.append(f"{2 * m * n * k / (ms * 1e-3) / 1e12:7.0f} TOPS {ms * 1e3:8.1f} us  {a_q.dtype} {cfg}{verdict}")
         print(f"sweep {m}x{n}x{k}:\n  " + "\n  ".join(results), flush=True)
         del layer
 

@@ -4,11 +4,12 @@
 
 Rows: 16-bit (bf16), W4A16 round-to-nearest (int4 weights, one absmax/7 scale per group of 64,
 activations 16-bit), naive W4A4 (no smoothing, no low-rank branch) and SVDQuant at rank 16/32/64,
-without and with calibration (smoothing searched per layer on recorded activations), in both
-formats (int4_2level and the paper's int4). Columns: classifier accuracy on the samples, and PSNR /
-SSIM of each variant's samples against the 16-bit samples at the same seeds. Every W4A4 row swaps
-the linears the ``svdquant`` backend quantizes for ``QuantizedLinear`` (same op, no compile), so the
-table compares numerics, not compilers. Prints a Markdown table, one row as soon as it is done.
+without and with calibration (smoothing searched per layer on recorded activations), in each
+format (int4_2level, int4_pow2 and the paper's int4). Columns: classifier accuracy on the samples,
+and PSNR / SSIM of each variant's samples against the 16-bit samples at the same seeds. Every W4A4
+row swaps the linears the ``svdquant`` backend quantizes for ``QuantizedLinear`` (same op, no
+compile), so the table compares numerics, not compilers. Prints a Markdown table, one row as soon
+as it is done.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--calib-per-class", type=int, default=2, help="calibration images per digit (other seeds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--formats", default="int4_2level,int4")
+    parser.add_argument("--formats", default="int4_2level,int4_pow2,int4")
     parser.add_argument("--ranks", default="16,32,64")
     args = parser.parse_args()
 
