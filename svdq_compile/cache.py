@@ -23,7 +23,7 @@ from torch import Tensor
 from .config import SVDQuantConfig
 from .quantized_linear import CalibrationStats, QuantizedLinear
 
-FORMAT_VERSION = 1  # bump when QuantizedLinear's buffers or the numerics change meaning
+FORMAT_VERSION = 2  # bump when QuantizedLinear's buffers, the file's metadata or the numerics change meaning
 _CHUNK = 1 << 24
 _BUFFERS = ("qweight", "scales", "mult", "smooth_inv", "lora_down", "lora_up")
 
@@ -106,8 +106,6 @@ def load(config: SVDQuantConfig, key: str, device: torch.device) -> QuantizedLin
             meta = f.metadata()
         tensors = load_file(str(path), device=str(device))
     except Exception:  # a truncated or foreign file is a cache miss, not an error
-        return None
-    if "format" not in meta:  # written before the format was recorded: quantize again
         return None
     layer = QuantizedLinear(int(meta["in_features"]), int(meta["out_features"]), int(meta["group_size"]), meta["format"], float(meta["alpha"]), float(meta["beta"]))
     for name in _BUFFERS:
