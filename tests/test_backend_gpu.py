@@ -126,3 +126,26 @@ def test_block_cuda_graphs_under_regional_compilation(monkeypatch):
     del graphed
     gc.collect()
     assert replays and all(not r.captures and not r.buffers and r.pool is None for r in replays)
+
+
+def test_int4_pow2_blocks_run_fp8_kernels_like_their_eager_layers():
+    """format="int4_pow2" under regional compilation with block CUDA graphs: the compiled blocks
+    equal the same model with its linears swapped for int4_pow2 ``QuantizedLinear`` layers (run
+    eagerly on the same kernels), whose weight operands are fp8, and differ from int4_2level's."""
+    from svdq_compile import QuantizedLinear, SVDQuantConfig
+    from test_backend import swap_to_quantized
+
+    torch._dynamo.reset()
+    model = cuda_flux()
+    inputs = cuda_inputs()
+    eager = swap_to_quantized(copy.deepcopy(model), inputs, SVDQuantConfig(**OPTIONS, format="int4_pow2"))
+    assert {m.weight_operand().dtype for m in eager.modules() if isinstance(m, QuantizedLinear)} == {torch.float8_e4m3fn}
+    default = copy.deepcopy(model)
+    model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS | {"format": "int4_pow2"})
+    default.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS)
+    with torch.no_grad():
+        want = eager(**inputs)[0].float()
+        for _ in range(3):  # uncaptured, then captured and replayed
+            got = model(**inputs)[0].float()
+            assert rel_err(got, want) < 1e-2
+        assert rel_err(default(**inputs)[0].float(), got) > 1e-2
