@@ -147,8 +147,9 @@ def _w4a4_gemm_persistent_kernel(
     (grouped order), loading the 8-bit operands through TMA descriptors (zero-filled past M, N and
     K, so no masks or address arithmetic in the K loop). For int8 the tile and K loops are
     flattened into one, so the next tile's loads start during the current tile's epilogue; for
-    fp8 they are not: in a flattened loop Triton 3.6 waits for every fp8 wgmma (as it always does
-    for int8 ones), 22% slower at 4608 x 3072 x 15360 on an H200 (KERNEL_NOTES.md, v10)."""
+    fp8 they are not: with the epilogue's low-rank dot in the flattened loop, Triton 3.6 waits for
+    every fp8 wgmma (as it always does for int8 ones), 22% slower at 4608 x 3072 x 15360 on an
+    H200 (KERNEL_NOTES.md, v10)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
