@@ -101,7 +101,7 @@ def build_layer(n: int, k: int, gen: torch.Generator) -> dict:
     q, s1, mult = numerics.quantize_weight(w, GROUP, True, torch.bfloat16)
     layer["wq2"], layer["ws2"] = numerics.expand_2level(q, mult, GROUP), s1
     q, s1, mult = numerics.quantize_weight(w, GROUP, True, torch.bfloat16, pow2=True)
-    layer["wq_pow2"], layer["ws_pow2"] = numerics.to_fp8_operand(numerics.expand_2level(q, mult, GROUP)), s1
+    layer["wq_pow2"], layer["ws_pow2"] = numerics.expand_2level(q, mult, GROUP, fp8=True), s1
     qg, sg, _ = numerics.quantize_weight(w, GROUP, False, torch.bfloat16)
     layer["wqg"], layer["wsg"] = qg, sg
     layer["wq2_packed"] = numerics.pack_weight_operand(layer["wq2"], GROUP, True)

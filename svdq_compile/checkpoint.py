@@ -189,9 +189,7 @@ def _unpack(parts: dict[str, Tensor], config: SVDQuantConfig, name: str) -> Quan
         weight_q = torch.cat((parts["qweight"], parts["mult"]), dim=-1) if config.two_level else parts["qweight"]
     else:
         q = numerics.unpack_int4(parts["qweight"])
-        weight_q = numerics.expand_2level(q, parts["mult"], config.group_size) if config.two_level else q
-        if config.format == "int4_pow2":
-            weight_q = numerics.to_fp8_operand(weight_q)
+        weight_q = numerics.expand_2level(q, parts["mult"], config.group_size, fp8=config.format == "int4_pow2") if config.two_level else q
     return QuantizedWeight(weight_q, parts["scales"], parts["smooth_inv"], parts["lora_down"], parts["lora_up"],
                            config.group_size, name.removesuffix(".weight"), seconds=0.0, from_cache=True, freed=True)
 

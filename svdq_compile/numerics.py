@@ -93,14 +93,19 @@ def quantize_int4_2level(x: Tensor, group_size: int = 64, pow2: bool = False) ->
     return q.to(torch.int8).flatten(-2), mult.to(torch.uint8), s1
 
 
-def expand_2level(q: Tensor, mult: Tensor, group_size: int = 64) -> Tensor:
-    """The int8 GEMM operand ``q * mult`` of the two-level format (values in [-128, 112]).
+def expand_2level(q: Tensor, mult: Tensor, group_size: int = 64, fp8: bool = False) -> Tensor:
+    """The GEMM operand ``q * mult`` of the two-level formats (values in [-128, 112]): int8, or with
+    ``fp8`` ("int4_pow2", power-of-two multipliers) float8_e4m3fn holding the same values exactly
+    (``q * 2^e`` with ``|q| <= 8`` has at most 4 significant bits, as many as e4m3 holds).
 
     Example:
         >>> expand_2level(torch.full((1, 64), -8, dtype=torch.int8), torch.tensor([[16]], dtype=torch.uint8)).min().item()
         -128
+        >>> expand_2level(torch.tensor([[-8, 7]]), torch.tensor([[16]], dtype=torch.uint8), 2, fp8=True).float().tolist()
+        [[-128.0, 112.0]]
     """
-    return (q.to(torch.int16) * mult.to(torch.int16).repeat_interleave(group_size, dim=-1)).to(torch.int8)
+    operand = (q.to(torch.int16) * mult.to(torch.int16).repeat_interleave(group_size, dim=-1)).to(torch.int8)
+    return operand.to(torch.float8_e4m3fn) if fp8 else operand
 
 
 def split_2level(operand: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor]:
@@ -141,20 +146,8 @@ def quantize_activations(x: Tensor, group_size: int, two_level: bool, fp8: bool 
     """
     if two_level:
         q, mult, s1 = quantize_int4_2level(x, group_size, pow2=fp8)
-        operand = expand_2level(q, mult, group_size)
-        return (to_fp8_operand(operand) if fp8 else operand), s1
+        return expand_2level(q, mult, group_size, fp8), s1
     return quantize_int4_groups(x, group_size)
-
-
-def to_fp8_operand(operand: Tensor) -> Tensor:
-    """The int8 GEMM operand of the "int4_pow2" format as float8_e4m3fn (the same values, exactly:
-    ``q * 2^e`` with ``|q| <= 8`` has at most 4 significant bits, as many as e4m3 holds).
-
-    Example:
-        >>> to_fp8_operand(torch.tensor([-128, 56, 7], dtype=torch.int8)).float().tolist()
-        [-128.0, 56.0, 7.0]
-    """
-    return operand.to(torch.float8_e4m3fn)
 
 
 def pack_int4(q: Tensor) -> Tensor:

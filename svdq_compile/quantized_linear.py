@@ -169,10 +169,7 @@ class QuantizedLinear(nn.Module):
             torch.int8
         """
         q = numerics.unpack_int4(self.qweight)
-        if not self.two_level:
-            return q
-        operand = numerics.expand_2level(q, self.mult, self.group_size)
-        return numerics.to_fp8_operand(operand) if self.format == "int4_pow2" else operand
+        return numerics.expand_2level(q, self.mult, self.group_size, fp8=self.format == "int4_pow2") if self.two_level else q
 
     def dequantize(self) -> Tensor:
         """The effective float weight [N, K] (fp32) that this layer applies to unquantized inputs.

@@ -185,9 +185,7 @@ def _gemm_inputs(m: int, n: int, k: int, rank: int, dtype: torch.dtype, two_leve
     act_q, act_scales = numerics.quantize_activations(x, 64, two_level, fp8)
     weight = torch.randn(n, k, generator=gen) / k**0.5
     q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype, pow2=fp8)
-    weight_q = numerics.expand_2level(q, mult, 64) if two_level else q
-    if fp8:
-        weight_q = numerics.to_fp8_operand(weight_q)
+    weight_q = numerics.expand_2level(q, mult, 64, fp8) if two_level else q
     lora_act = torch.randn(m, rank, generator=gen).to(dtype)
     lora_up = (torch.randn(n, rank, generator=gen) / 4).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
@@ -280,9 +278,7 @@ def test_kernels_compose_to_the_op_reference():
         smooth_inv = 0.5 + torch.rand(k, generator=gen)
         weight = torch.randn(n, k, generator=gen) / k**0.5
         q, scales, mult = numerics.quantize_weight(weight, 64, two_level, torch.bfloat16, pow2=fp8)
-        weight_q = numerics.expand_2level(q, mult, 64) if two_level else q
-        if fp8:
-            weight_q = numerics.to_fp8_operand(weight_q)
+        weight_q = numerics.expand_2level(q, mult, 64, fp8) if two_level else q
         lora_down = (torch.randn(rank, k, generator=gen) / k).bfloat16()
         lora_up = (torch.randn(n, rank, generator=gen) / 4).bfloat16()
         bias = torch.randn(n, generator=gen).bfloat16()

@@ -39,9 +39,7 @@ def _gemm_inputs(m, n, k, rank, dtype, two_level, gen, fp8=False):
     act_q, act_scales = numerics.quantize_activations(x, 64, two_level, fp8)
     weight = torch.randn(n, k, generator=gen, device="cuda") / k**0.5
     q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype, pow2=fp8)
-    weight_q = numerics.expand_2level(q, mult, 64) if two_level else q
-    if fp8:
-        weight_q = numerics.to_fp8_operand(weight_q)
+    weight_q = numerics.expand_2level(q, mult, 64, fp8) if two_level else q
     lora_act = torch.randn(m, rank, generator=gen, device="cuda").to(dtype)
     lora_up = (torch.randn(n, rank, generator=gen, device="cuda") / 4).to(dtype)
     bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
@@ -163,9 +161,7 @@ def _op_args(m_shape, n, k, rank, dtype, two_level, gen, fp8=False):
     smooth_inv = 0.5 + torch.rand(k, generator=gen, device="cuda")
     weight = torch.randn(n, k, generator=gen, device="cuda") / k**0.5
     q, scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype, pow2=fp8)
-    weight_q = numerics.expand_2level(q, mult, 64) if two_level else q
-    if fp8:
-        weight_q = numerics.to_fp8_operand(weight_q)
+    weight_q = numerics.expand_2level(q, mult, 64, fp8) if two_level else q
     lora_down = (torch.randn(rank, k, generator=gen, device="cuda") / k).to(dtype)
     lora_up = (torch.randn(n, rank, generator=gen, device="cuda") / 4).to(dtype)
     bias = torch.randn(n, generator=gen, device="cuda").to(dtype)

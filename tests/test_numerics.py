@@ -89,7 +89,7 @@ def test_pow2_multipliers_round_the_integer_ones_up_and_are_exact_in_fp8():
     step = (s1_2.unsqueeze(-1) * mult2.float()).repeat_interleave(64, -1)
     assert bool(((q2.float() * step - x).abs() <= step / 2 * (1 + 1e-5)).all())
     operand = nm.expand_2level(q2, mult2, 64)
-    fp8 = nm.to_fp8_operand(operand)
+    fp8 = nm.expand_2level(q2, mult2, 64, fp8=True)
     assert fp8.dtype == torch.float8_e4m3fn and torch.equal(fp8.float(), operand.float())
     a, scales = nm.quantize_activations(x, 64, two_level=True, fp8=True)
     assert torch.equal(a.float(), fp8.float()) and torch.equal(scales, s1_2)
