@@ -6,6 +6,7 @@ import zlib
 
 import torch
 
+from svdq_compile import numerics
 from svdq_compile.kernels.w4a4_gemm import w4a4_gemm_reference
 
 FP32_EPS = 2.0**-24  # unit roundoff
@@ -27,6 +28,22 @@ def outlier_input(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> t
     outliers = torch.randperm(k, generator=gen, device=device)[: max(2, k // 32)]
     boost[outliers] = 30 + 70 * torch.rand(outliers.numel(), generator=gen, device=device)
     return (x * boost).to(dtype)
+
+
+def gemm_inputs(m: int, n: int, k: int, rank: int, dtype: torch.dtype, two_level: bool, gen: torch.Generator,
+                fp8: bool = False, with_bias: bool = True) -> tuple:
+    """``w4a4_gemm``'s arguments on ``gen``'s device: outlier activations and Gaussian weights
+    quantized (group 64) in the format ``two_level``/``fp8`` names, random low-rank factors and bias."""
+    device = gen.device
+    x = outlier_input(m, k, torch.float32, gen)
+    act_q, act_scales = numerics.quantize_activations(x, 64, two_level, fp8)
+    weight = torch.randn(n, k, generator=gen, device=device) / k**0.5
+    q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype, pow2=fp8)
+    weight_q = numerics.expand_2level(q, mult, 64, fp8) if two_level else q
+    lora_act = torch.randn(m, rank, generator=gen, device=device).to(dtype)
+    lora_up = (torch.randn(n, rank, generator=gen, device=device) / 4).to(dtype)
+    bias = torch.randn(n, generator=gen, device=device).to(dtype) if with_bias else None
+    return act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias
 
 
 def ulp_bound(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -34,7 +34,7 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved_interpret
 
 from svdq_compile import numerics  # noqa: E402
-from kernel_checks import FORMAT_CASES, FP32_EPS, gelu_gemm_bound, gemm_bound, near_tie_rows, outlier_input, seed, ulp_bound  # noqa: E402
+from kernel_checks import FORMAT_CASES, FP32_EPS, gelu_gemm_bound, gemm_bound, gemm_inputs, near_tie_rows, outlier_input, seed, ulp_bound  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -180,18 +180,6 @@ def test_quantize_near_ties_and_random_quotients():
         assert torch.equal(act_q, ref_q) and torch.equal(scales, ref_scales)
 
 
-def _gemm_inputs(m: int, n: int, k: int, rank: int, dtype: torch.dtype, two_level: bool, with_bias: bool, gen: torch.Generator, fp8: bool = False):
-    x = outlier_input(m, k, torch.float32, gen)
-    act_q, act_scales = numerics.quantize_activations(x, 64, two_level, fp8)
-    weight = torch.randn(n, k, generator=gen) / k**0.5
-    q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype, pow2=fp8)
-    weight_q = numerics.expand_2level(q, mult, 64, fp8) if two_level else q
-    lora_act = torch.randn(m, rank, generator=gen).to(dtype)
-    lora_up = (torch.randn(n, rank, generator=gen) / 4).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
-    return act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias
-
-
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("rank", [0, 16, 48, 160])
 @pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
@@ -200,7 +188,7 @@ def test_w4a4_gemm_matches_reference(dtype, two_level, fp8, rank, with_bias):
     """The interpreter sums fp8 products in fp32, exactly at these sizes (|sums| < 2^24), so the
     int8 bound holds for fp8 operands here; the GPU's fp8 accumulation has its own bound (GPU tests)."""
     gen = torch.Generator().manual_seed(seed(dtype, two_level, fp8, rank, with_bias))
-    args = _gemm_inputs(37, 72, 64 * 3, rank, dtype, two_level, with_bias, gen, fp8)
+    args = gemm_inputs(37, 72, 64 * 3, rank, dtype, two_level, gen, fp8, with_bias)
     out = gk.w4a4_gemm(*args, dtype)
     ref, bound = gemm_bound(args, dtype)
     assert out.dtype == dtype and out.shape == (37, 72)
@@ -225,7 +213,7 @@ def test_w4a4_gemm_tile_configs(config, fp8):
     of 1 or 2 tiles, split 3 or 2 ways along K, the second with a masked K tail); int8 and fp8
     operands (fp32 split-K partial sums)."""
     gen = torch.Generator().manual_seed(config.block_m * 1000 + config.split_k)
-    args = _gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, True, gen, fp8)
+    args = gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, gen, fp8)
     if config.split_tail:
         tiles = -(-45 // config.block_m) * -(-83 // config.block_n)
         assert gk._tail_split(tiles, min(4, tiles), -(-320 // config.block_k))[1] > 1
@@ -256,7 +244,7 @@ def test_w4a4_gemm_gelu_epilogue(config, gelu_columns):
     the reference (within ``gelu_gemm_bound``), and the columns outside the range untouched."""
     start, end = gelu_columns
     gen = torch.Generator().manual_seed(seed(config, gelu_columns))
-    args = _gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, True, gen)
+    args = gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, gen)
     pre, ref, bound = gelu_gemm_bound(args, torch.bfloat16, start, end)
     out = gk.w4a4_gemm(*args, torch.bfloat16, config=config, gelu_start=start, gelu_end=end)
     assert ((out.float() - ref).abs() <= bound).all()

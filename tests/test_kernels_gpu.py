@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import FORMAT_CASES, FP32_EPS, MANTISSA_BITS, gelu_gemm_bound, gemm_bound, near_tie_rows, outlier_input, seed, ulp_bound
+from kernel_checks import FORMAT_CASES, FP32_EPS, MANTISSA_BITS, gelu_gemm_bound, gemm_bound, gemm_inputs, near_tie_rows, outlier_input, seed, ulp_bound
 
 from svdq_compile import numerics
 
@@ -33,20 +33,6 @@ def _poison(*shapes_and_dtypes: tuple[tuple[int, ...], torch.dtype]) -> None:
     del probe
 
 
-
-def _gemm_inputs(m, n, k, rank, dtype, two_level, gen, fp8=False):
-    x = outlier_input(m, k, torch.float32, gen)
-    act_q, act_scales = numerics.quantize_activations(x, 64, two_level, fp8)
-    weight = torch.randn(n, k, generator=gen, device="cuda") / k**0.5
-    q, weight_scales, mult = numerics.quantize_weight(weight, 64, two_level, dtype, pow2=fp8)
-    weight_q = numerics.expand_2level(q, mult, 64, fp8) if two_level else q
-    lora_act = torch.randn(m, rank, generator=gen, device="cuda").to(dtype)
-    lora_up = (torch.randn(n, rank, generator=gen, device="cuda") / 4).to(dtype)
-    bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
-    return act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias
-
-
-
 @pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
 @pytest.mark.parametrize("m", FLUX_M)
 @pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
@@ -54,7 +40,7 @@ def test_w4a4_gemm_flux_shapes(two_level, fp8, m, n, k):
     from svdq_compile.kernels.w4a4_gemm import w4a4_gemm
 
     gen = torch.Generator(device="cuda").manual_seed(seed(two_level, fp8, m, n, k))
-    args = _gemm_inputs(m, n, k, 32, torch.bfloat16, two_level, gen, fp8)
+    args = gemm_inputs(m, n, k, 32, torch.bfloat16, two_level, gen, fp8)
     w4a4_gemm(*args, torch.bfloat16)  # tunes on the first call: poison the call after it
     _poison(((m, n), torch.bfloat16))
     out = w4a4_gemm(*args, torch.bfloat16)
@@ -77,7 +63,7 @@ def test_w4a4_gemm_split_tail_and_split_k(m, n, k, split_k, gelu, fp8):
         tiles = -(-m // 256) * -(-n // 128)
         assert gk._tail_split(tiles, min(gk.sm_count(torch.device("cuda")), tiles), k // 128)[1] > 1
     gen = torch.Generator(device="cuda").manual_seed(seed("tail", m, n, k))
-    args = _gemm_inputs(m, n, k, 32, torch.bfloat16, True, gen, fp8)
+    args = gemm_inputs(m, n, k, 32, torch.bfloat16, True, gen, fp8)
     _, ref, bound = gelu_gemm_bound(args, torch.bfloat16, *gelu)
     for _ in range(2):  # the second launch checks that the first left the workspace clean
         _poison(((m, n), torch.bfloat16))
@@ -150,7 +136,7 @@ def test_ranks(rank):
     from svdq_compile.kernels.w4a4_gemm import w4a4_gemm
 
     gen = torch.Generator(device="cuda").manual_seed(seed("rank", rank))
-    args = _gemm_inputs(333, 3072, 3072, rank, torch.bfloat16, True, gen)
+    args = gemm_inputs(333, 3072, 3072, rank, torch.bfloat16, True, gen)
     out = w4a4_gemm(*args, torch.bfloat16)
     ref, bound = gemm_bound(args, torch.bfloat16)
     assert ((out.float() - ref).abs() <= bound).all()
