@@ -232,6 +232,19 @@ def test_tail_split_only_where_the_last_wave_is_at_most_half_full(tiles, program
     assert gk._tail_split(tiles, programs, k_tiles) == expected
 
 
+def test_wgmma_configs_only_where_the_gluon_kernel_runs():
+    """The Gluon kernel is a candidate only when asked for (Hopper, 16-bit low-rank operands), never
+    the untimed default; forced elsewhere, it is refused with a message instead of failing to compile."""
+    for m in (1, 64, 256, 4096):
+        assert not any(cfg.wgmma for cfg in gk._candidate_configs(m, True, 64))
+    wgmma = [cfg for cfg in gk._candidate_configs(4096, True, 64, wgmma=True) if cfg.wgmma]
+    assert wgmma and not gk._candidate_configs(4096, True, 64, wgmma=True)[0].wgmma
+    assert not gk._wgmma_runs(torch.device("cpu"), torch.bfloat16)
+    args = gemm_inputs(45, 83, 64 * 5, 32, torch.bfloat16, True, torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="Hopper GPU"):
+        gk.w4a4_gemm(*args, torch.bfloat16, config=wgmma[0])
+
+
 @pytest.mark.parametrize("gelu_columns", [(0, 83), (37, 60), (0, 16)], ids=str)
 @pytest.mark.parametrize(
     "config",

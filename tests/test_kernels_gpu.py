@@ -72,6 +72,34 @@ def test_w4a4_gemm_split_tail_and_split_k(m, n, k, split_k, gelu, fp8):
         assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside the bound, first at {bad.nonzero()[0].tolist()}"
 
 
+def _wgmma_configs():
+    from svdq_compile.kernels import w4a4_gemm as gk
+
+    return [cfg for cfg in gk._candidate_configs(4096, True, 64, wgmma=True) if cfg.wgmma]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="wgmma needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("cfg", _wgmma_configs(), ids=lambda c: f"{c.block_m}x{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}")
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+@pytest.mark.parametrize("m,n,k,rank,dtype,gelu", [
+    (4608, 3072, 15360, 32, torch.bfloat16, (0, 0)),
+    (4096, 12288, 3072, 32, torch.bfloat16, (1000, 12000)),  # GELU range off the tile edges
+    (1000, 1000, 3136, 0, torch.bfloat16, (0, 0)),  # odd M, N; K not a multiple of the K tile; no low-rank
+    (333, 2000, 1024, 160, torch.float16, (0, 2000)),  # three rank chunks, the last partial
+], ids=str)
+def test_w4a4_gemm_wgmma(m, n, k, rank, dtype, gelu, fp8, cfg):
+    """The Gluon kernel (one wgmma in flight), forced, against the reference."""
+    from svdq_compile.kernels import w4a4_gemm as gk
+
+    gen = torch.Generator(device="cuda").manual_seed(seed("wgmma", m, n, k, rank, fp8))
+    args = gemm_inputs(m, n, k, rank, dtype, True, gen, fp8)
+    _, ref, bound = gelu_gemm_bound(args, dtype, *gelu)
+    _poison(((m, n), dtype))
+    out = gk.w4a4_gemm(*args, dtype, config=cfg, gelu_start=gelu[0], gelu_end=gelu[1])
+    bad = (out.float() - ref).abs() > bound
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside the bound, first at {bad.nonzero()[0].tolist()}"
+
+
 @pytest.mark.parametrize("k", sorted({k for _, k in FLUX_NK}))
 @pytest.mark.parametrize("m", FLUX_M)
 @pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)

@@ -1,7 +1,8 @@
 """Triton kernels of the W4A4 linear, one op per module, each with its PyTorch reference beside it.
 
 * ``quantize_act_lowrank_down``: smoothing, per-token int4 quantization and ``x @ lora_down^T``.
-* ``w4a4_gemm``: int8 tensor-core GEMM with the low-rank up projection, bias and cast in its epilogue.
+* ``w4a4_gemm``: int8 (or fp8) tensor-core GEMM with the low-rank up projection, bias and cast in its
+  epilogue; on Hopper also a Gluon main loop that keeps one int8 wgmma in flight.
 * ``unpack_weight``: a 4-bit packed weight to the GEMM's int8 operand, just before the GEMM.
 
 The modules are imported where they are used (``svdq_compile.ops`` on CUDA), not here: Triton picks

@@ -18,6 +18,12 @@
   adds about 50 us to a 4096 x 12288 x 3072 GEMM on an H100, against 130 us for that pass
   (KERNEL_NOTES.md, v8).
 
+On Hopper (sm_90), large M also has candidates whose main loop is written in Gluon, Triton's
+lower-level dialect (``wgmma`` configs): TMA loads several K tiles ahead and one wgmma kept in
+flight while the next is issued, which Triton's own pipeliner does for fp32 accumulators only.
+For int8 they win 3-11% at FLUX's large shapes on an H200; for fp8 Triton's kernels stay faster
+(KERNEL_NOTES.md, v11). The autotuner picks per shape.
+
 Large M may run persistent (one program per SM walking the tiles, TMA loads), optionally leaving
 a last wave that would fill at most half the SMs to a split-K launch. Small M is memory-bound on
 the weight: those configs use small M tiles, more programs along N and, for the two-level format,
@@ -36,9 +42,15 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from ..numerics import apply_gelu_columns
 from . import sm_count
+
+# Gluon's TMA load was renamed after Triton 3.6 (the GPU machine's version; CI has a newer one).
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -169,6 +181,112 @@ def _w4a4_gemm_persistent_kernel(
                   HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
 
 
+@gluon.jit
+def _w4a4_gemm_wgmma_kernel(
+    a_desc, w_desc, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
+    M, N, K, R, gelu_start, gelu_end, num_programs,
+    ACC_DTYPE: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BLOCK_R: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+    ACC_LAYOUT: gl.constexpr, LORA_LAYOUT: gl.constexpr, LU_LOAD_LAYOUT: gl.constexpr, LU_SHARED_LAYOUT: gl.constexpr,
+):
+    """Two-level scales on Hopper: the plain kernel's computation with its main loop written in
+    Gluon, so that one wgmma stays in flight while the next is issued. Triton's own pipeliner does
+    that only for fp32 accumulators and waits for every int8 wgmma (KERNEL_NOTES.md, v10/v11).
+
+    Program p does output tiles p, p + num_programs, ... (num_programs = the tile count: one tile
+    each). Its (tile, K tile) steps form one sequence, and TMA loads run STAGES - 1 steps ahead in
+    it (zero-filled past M, N and K), so the next tile's first loads are in flight during a tile's
+    epilogue. The epilogue's low-rank dot is one more (synchronous) wgmma, in bf16/fp16."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    steps = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), num_programs) * k_tiles
+
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    lu_smem = gl.allocate_shared_memory(lu_ptr.dtype.element_ty, [BLOCK_N, BLOCK_R], LU_SHARED_LAYOUT)
+    for i in gl.static_range(STAGES - 1):
+        _wgmma_load_step(a_desc, w_desc, a_bufs, w_bufs, ready, i, steps, k_tiles, num_pid_m, num_pid_n, num_programs, GROUP_M, STAGES)
+
+    step = 0
+    for tile in range(gl.program_id(0), num_pid_m * num_pid_n, num_programs):
+        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE, layout=ACC_LAYOUT)
+        for kt in range(k_tiles):
+            stage = step % STAGES
+            mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(stage), w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+            # Wait for the previous wgmma only: its stage then takes the step STAGES - 1 ahead
+            # while this one runs.
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_bufs.index(stage), w_bufs.index(stage)))[0]
+            _wgmma_load_step(a_desc, w_desc, a_bufs, w_bufs, ready, step + STAGES - 1, steps, k_tiles, num_pid_m, num_pid_n, num_programs, GROUP_M, STAGES)
+            step += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                        M, N, R, gelu_start, gelu_end, HAS_BIAS, GELU, BLOCK_R, ACC_LAYOUT, LORA_LAYOUT, LU_LOAD_LAYOUT)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+
+@gluon.jit
+def _wgmma_load_step(a_desc, w_desc, a_bufs, w_bufs, ready, step, steps, k_tiles, num_pid_m, num_pid_n, num_programs,
+                     GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+    """Start the TMA loads of step ``step`` (this program's tile ``step // k_tiles``, K tile
+    ``step % k_tiles``) into its stage; nothing past the last step."""
+    pid_m, pid_n = _grouped_tile(gl.program_id(0) + (step // k_tiles) * num_programs, num_pid_m, num_pid_n, GROUP_M)
+    stage = step % STAGES
+    k = (step % k_tiles) * a_desc.block_type.shape[1]
+    mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=step < steps)
+    _tma_load(a_desc, [pid_m * a_desc.block_type.shape[0], k], ready.index(stage), a_bufs.index(stage), pred=step < steps)
+    _tma_load(w_desc, [pid_n * w_desc.block_type.shape[0], k], ready.index(stage), w_bufs.index(stage), pred=step < steps)
+
+
+@gluon.jit
+def _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R, gelu_start, gelu_end,
+                    HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BLOCK_R: gl.constexpr,
+                    ACC_LAYOUT: gl.constexpr, LORA_LAYOUT: gl.constexpr, LU_LOAD_LAYOUT: gl.constexpr):
+    """The Gluon kernel's ``_epilogue``: scales, + lora_act @ lora_up^T, + bias, GELU, store."""
+    BLOCK_M: gl.constexpr = acc.shape[0]
+    BLOCK_N: gl.constexpr = acc.shape[1]
+    # Rows past M / N read a valid row instead (never stored), as in the plain kernel.
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
+    rows_a = (offs_m % M).to(gl.int64)
+    rows_w = (offs_n % N).to(gl.int64)
+    out = acc.to(gl.float32) * gl.load(sa_ptr + rows_a)[:, None] * gl.load(sw_ptr + rows_w)[None, :]
+    if R > 0:
+        # lora_act from registers, lora_up through shared memory, in the 16-bit wgmma's
+        # accumulator layout (the same registers as the 8-bit one's).
+        out = gl.convert_layout(out, LORA_LAYOUT, assert_trivial=True)
+        la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LORA_LAYOUT, k_width=2)
+        la_rows = ((off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, la_layout))) % M).to(gl.int64)
+        la_cols = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, la_layout))
+        lu_rows = ((off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LU_LOAD_LAYOUT))) % N).to(gl.int64)
+        lu_cols = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LU_LOAD_LAYOUT))
+        for r0 in range(0, R, BLOCK_R):
+            la = gl.load(la_ptr + la_rows[:, None] * R + (r0 + la_cols)[None, :], mask=((r0 + la_cols) < R)[None, :], other=0.0)
+            lu = gl.load(lu_ptr + lu_rows[:, None] * R + (r0 + lu_cols)[None, :], mask=((r0 + lu_cols) < R)[None, :], other=0.0)
+            tl.debug_barrier()  # every warpgroup is done reading the previous chunk
+            lu_smem.store(lu)
+            fence_async_shared()  # make the stores visible to the wgmma (async proxy) ...
+            tl.debug_barrier()  # ... from every thread
+            out = warpgroup_mma(la, lu_smem.permute((1, 0)), out)
+        out = gl.convert_layout(out, ACC_LAYOUT, assert_trivial=True)
+    if HAS_BIAS:
+        out += gl.load(bias_ptr + rows_w).to(gl.float32)[None, :]
+    if GELU:
+        if (off_n < gelu_end) & (off_n + BLOCK_N > gelu_start):
+            out = gl.where(((offs_n >= gelu_start) & (offs_n < gelu_end))[None, :], _gelu_tanh(out), out)
+    out_ptrs = out_ptr + offs_m.to(gl.int64)[:, None] * N + offs_n[None, :]
+    gl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
 @triton.jit
 def _gelu_tanh(v):
     """GELU, tanh approximation, in fp32: ``0.5 v (1 + tanh(u)) = v / (1 + exp(-2u))`` with
@@ -220,9 +338,14 @@ class GemmConfig:
     # persistent only: when the tiles leave a last wave that fills at most half the SMs, the
     # persistent launch stops at the full waves and the last wave's tiles run split along K.
     split_tail: bool = False
+    # two-level, split_k 1, Hopper: the Gluon kernel, one wgmma in flight (num_stages: the K tiles
+    # loaded ahead, plus the one in use); with persistent, one program per SM (no split_tail).
+    wgmma: bool = False
 
 
-def _candidate_configs(m: int, two_level: bool, group_size: int) -> list[GemmConfig]:
+def _candidate_configs(m: int, two_level: bool, group_size: int, wgmma: bool = False) -> list[GemmConfig]:
+    """The tile configs ``_tune`` times; the first is the default where nothing is timed.
+    ``wgmma``: the Gluon kernel can run (Hopper, 16-bit low-rank operands)."""
     if not two_level:
         g = group_size
         if m <= 64:
@@ -249,7 +372,13 @@ def _candidate_configs(m: int, two_level: bool, group_size: int) -> list[GemmCon
         GemmConfig(256, 128, 128, 1, 8, 3, persistent=True),
         GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, split_tail=True),
         GemmConfig(256, 128, 128, 1, 8, 3, persistent=True, split_tail=True),
-    ]
+    ] + ([
+        GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True),
+        GemmConfig(256, 128, 128, 1, 8, 4, wgmma=True),
+        GemmConfig(256, 128, 64, 1, 8, 6, wgmma=True),
+        GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, wgmma=True),
+        GemmConfig(256, 128, 128, 1, 8, 4, persistent=True, wgmma=True),
+    ] if wgmma else [])
 
 
 def _m_bucket(m: int) -> int:
@@ -311,6 +440,9 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
     acc_dtype = tl.int32 if args[0].dtype == torch.int8 else tl.float32
     block_r = 16 if rank <= 16 else (32 if rank <= 32 else 64)
     lora_tl, lora_precision = _TORCH_TO_TL[lora_dtype], "ieee" if lora_dtype == torch.float32 else "tf32"
+    if cfg.wgmma:
+        _launch_wgmma(args, m, n, k, rank, has_bias, gelu, acc_dtype, block_r, cfg)
+        return
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     first_tile, split_k = 0, cfg.split_k if two_level else 1
     if cfg.persistent and two_level:
@@ -342,6 +474,54 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
     )
 
 
+def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype) -> dict:
+    """The Gluon kernel's register and shared-memory layouts for ``cfg`` (its constexpr arguments).
+
+    Warps tile M first (a wgmma spans 4 warps and 64 rows), then N. The instruction's N is at most
+    128: an int8 wgmma takes N up to 224, and 128 divides every tile width used here. The 8-bit
+    and the 16-bit wgmma then share the accumulator's register layout, so the epilogue's low-rank
+    dot moves no data.
+
+    Example:
+        >>> _wgmma_layouts(GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True), 32, torch.bfloat16)["ACC_LAYOUT"].instr_shape
+        [16, 128, 32]
+    """
+    warps_m = min(cfg.num_warps, max(cfg.block_m // 16, 4))
+    warps = [warps_m, cfg.num_warps // warps_m]
+    instr_n = min(cfg.block_n // warps[1], 128)
+    lanes_r = block_r // 8  # 16-byte loads of lora_up along the rank
+    return dict(
+        ACC_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 32]),
+        LORA_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 16]),
+        LU_LOAD_LAYOUT=gl.BlockedLayout([1, 8], [32 // lanes_r, lanes_r], [cfg.num_warps, 1], [1, 0]),
+        LU_SHARED_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, block_r], gl.bfloat16 if lora_dtype == torch.bfloat16 else gl.float16),
+    )
+
+
+def _wgmma_runs(device: torch.device, lora_dtype: torch.dtype) -> bool:
+    """Whether the Gluon kernel can run: a Hopper GPU (sm_90: wgmma) and 16-bit low-rank operands."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 and lora_dtype in (torch.bfloat16, torch.float16)
+
+
+def _launch_wgmma(args: tuple, m: int, n: int, k: int, rank: int, has_bias: bool, gelu: tuple[int, int], acc_dtype: tl.dtype, block_r: int, cfg: GemmConfig) -> None:
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, out = args
+    if not _wgmma_runs(act_q.device, lora_up.dtype) or lora_act.dtype != lora_up.dtype:
+        raise ValueError("w4a4_gemm: a wgmma config needs a Hopper GPU and lora_act, lora_up of one 16-bit dtype")
+    operand_gl = gl.int8 if act_q.dtype == torch.int8 else gl.float8e4nv
+    a_block, w_block = [cfg.block_m, cfg.block_k], [cfg.block_n, cfg.block_k]
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    programs = min(sm_count(act_q.device), tiles) if cfg.persistent else tiles
+    _w4a4_gemm_wgmma_kernel[(programs,)](
+        TensorDescriptor.from_tensor(act_q, a_block, gl.NVMMASharedLayout.get_default_for(a_block, operand_gl)),
+        TensorDescriptor.from_tensor(weight_q, w_block, gl.NVMMASharedLayout.get_default_for(w_block, operand_gl)),
+        act_scales, weight_scales, lora_act, lora_up, bias, out, m, n, k, rank, *gelu, programs,
+        ACC_DTYPE=gl.int32 if acc_dtype == tl.int32 else gl.float32, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], BLOCK_R=block_r,
+        GROUP_M=cfg.group_m, STAGES=cfg.num_stages, **_wgmma_layouts(cfg, block_r, lora_up.dtype), num_warps=cfg.num_warps,
+    )
+
+
 def _tail_split(tiles: int, programs: int, k_tiles: int) -> tuple[int, int]:
     """``(full, split)``: a persistent launch does the tiles of the full waves, ``tiles[:full]``;
     the rest, a last wave of at most ``programs / 2`` tiles, run split ``split`` ways along K, so
@@ -361,7 +541,7 @@ def _tail_split(tiles: int, programs: int, k_tiles: int) -> tuple[int, int]:
 def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, gelu: tuple[int, int], lora_dtype: torch.dtype) -> GemmConfig:
     """Time every candidate on the real arguments (median of a short run); cache the fastest."""
     best, best_ms = None, float("inf")
-    for cfg in _candidate_configs(m, group == 0, group):
+    for cfg in _candidate_configs(m, group == 0, group, wgmma=_wgmma_runs(args[0].device, lora_dtype)):
         try:
             ms = triton.testing.do_bench(lambda: _launch(args, m, n, k, rank, group, has_bias, gelu, lora_dtype, cfg), warmup=5, rep=20, return_mode="median")
         except triton.runtime.errors.OutOfResources:
