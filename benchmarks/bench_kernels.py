@@ -236,6 +236,10 @@ SWEEP_EXTRA = [
     gemm_module.GemmConfig(128, 128, 128, 1, 8, 4, persistent=True),
     gemm_module.GemmConfig(128, 256, 64, 1, 8, 5, persistent=True),
     gemm_module.GemmConfig(128, 128, 128, 1, 4, 4, persistent=True),
+    gemm_module.GemmConfig(128, 256, 64, 1, 8, 6, wgmma=True),
+    gemm_module.GemmConfig(256, 128, 64, 1, 8, 6, wgmma=True),
+    gemm_module.GemmConfig(128, 128, 128, 1, 8, 4, wgmma=True),
+    gemm_module.GemmConfig(256, 128, 128, 1, 8, 3, wgmma=True),
 ]
 
 
@@ -249,7 +253,7 @@ def sweep_configs(gen: torch.Generator, shapes: list[tuple[int, int, int]]) -> N
         for pow2, wq, ws in ((False, layer["wq2"], layer["ws2"]), (True, layer["wq_pow2"], layer["ws_pow2"])):
             a_q, a_s, la = quantize_act_lowrank_down(x, layer["smooth_inv"], layer["lora_down"], GROUP, True, fp8=pow2)
             expected = w4a4_gemm_reference(a_q, a_s, wq, ws, la, layer["lora_up"], layer["bias"], torch.bfloat16).float()
-            for cfg in gemm_module._candidate_configs(m, True, GROUP) + SWEEP_EXTRA:
+            for cfg in gemm_module._candidate_configs(m, True, GROUP, wgmma=gemm_module._wgmma_runs(x.device, torch.bfloat16)) + SWEEP_EXTRA:
                 call = lambda cfg=cfg: w4a4_gemm(a_q, a_s, wq, ws, la, layer["lora_up"], layer["bias"], torch.bfloat16, config=cfg)
                 try:
                     error = ((call().float() - expected).norm() / expected.norm()).item()
