@@ -130,9 +130,15 @@ def test_block_cuda_graphs_under_regional_compilation(monkeypatch):
 
 def test_int4_pow2_blocks_run_fp8_kernels_like_their_eager_layers():
     """format="int4_pow2" under regional compilation with block CUDA graphs: the compiled blocks
-    equal the same model with its linears swapped for int4_pow2 ``QuantizedLinear`` layers (run
-    eagerly on the same kernels), whose weight operands are fp8, and differ from int4_2level's."""
+    give the output of the same model with its linears swapped for int4_pow2 ``QuantizedLinear``
+    layers (run eagerly on the same kernels), and the operands they are given are fp8.
+
+    Why the operands, not the output, show the format here: in bf16 this small model's output moves
+    by 0.3-0.4% between int4_pow2 and int4_2level, as much as between compiled and eager bf16
+    arithmetic (0.38%, both measured on an H200). test_backend.py tells the formats apart by output,
+    in fp32 on the CPU."""
     from svdq_compile import QuantizedLinear, SVDQuantConfig
+    from svdq_compile.backend import quantized_entries
     from test_backend import swap_to_quantized
 
     torch._dynamo.reset()
@@ -140,12 +146,10 @@ def test_int4_pow2_blocks_run_fp8_kernels_like_their_eager_layers():
     inputs = cuda_inputs()
     eager = swap_to_quantized(copy.deepcopy(model), inputs, SVDQuantConfig(**OPTIONS, format="int4_pow2"))
     assert {m.weight_operand().dtype for m in eager.modules() if isinstance(m, QuantizedLinear)} == {torch.float8_e4m3fn}
-    default = copy.deepcopy(model)
     model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS | {"format": "int4_pow2"})
-    default.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS)
     with torch.no_grad():
-        want = eager(**inputs)[0].float()
+        want = eager(**inputs)[0]
         for _ in range(3):  # uncaptured, then captured and replayed
-            got = model(**inputs)[0].float()
-            assert rel_err(got, want) < 1e-2
-        assert rel_err(default(**inputs)[0].float(), got) > 1e-2
+            assert rel_err(model(**inputs)[0], want) < 1e-2
+    operands = [entry.weight_q.dtype for m in model.modules() if isinstance(m, torch.nn.Linear) for entry in quantized_entries(m.weight).values()]
+    assert operands and set(operands) == {torch.float8_e4m3fn}
