@@ -245,6 +245,35 @@ def test_wgmma_configs_only_where_the_gluon_kernel_runs():
         gk.w4a4_gemm(*args, torch.bfloat16, config=wgmma[0])
 
 
+def test_a_gluon_kernel_that_does_not_build_leaves_the_triton_kernels(monkeypatch):
+    """Autotuning on a Hopper GPU whose Triton cannot build the Gluon kernel: one warning, a Triton
+    config is chosen, and the other Gluon candidates are not tried. (No GPU here: the Gluon launch
+    raises the compiler's error, and the timer runs each candidate once under the interpreter and
+    ranks persistent tiles first.)"""
+    def fake_bench(fn, **kwargs):
+        fn()
+        return 1.0 if launched[-1].persistent else 2.0
+
+    def gluon_fails_to_build(*args):
+        raise RuntimeError("PassManager::run failed")
+
+    launched = []
+    original_launch = gk._launch
+    monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
+    monkeypatch.setattr(gk, "_launch_wgmma", gluon_fails_to_build)
+    monkeypatch.setattr(gk.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(gk, "_wgmma_runs", lambda device, lora_dtype: gk._wgmma_build_error is None)  # "a Hopper GPU"
+    monkeypatch.setattr(gk, "_wgmma_build_error", None)
+    args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(6))
+    out = torch.empty(300, 40, dtype=torch.bfloat16)
+    full_args = (*args[:6], args[6], out)
+    with pytest.warns(UserWarning, match="Gluon .* did not build"):
+        chosen = gk._tune(full_args, ("test",), 300, 40, 128, 16, 0, True, (0, 0), torch.bfloat16)
+    assert chosen.persistent and not chosen.wgmma
+    assert [cfg.wgmma for cfg in launched].count(True) == 1  # the first Gluon candidate only
+    assert "PassManager" in gk._wgmma_build_error
+
+
 @pytest.mark.parametrize("gelu_columns", [(0, 83), (37, 60), (0, 16)], ids=str)
 @pytest.mark.parametrize(
     "config",
