@@ -27,13 +27,14 @@ from svdq_compile.kernels import w4a4_gemm as gk
 configs = {(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages): c for c in gk._candidate_configs(4096, True, 64, wgmma=True) if c.wgmma}
 results = {}
 for i, cfg in enumerate(configs.values()):
-    for operand, operand_gl in (("i8", gl.int8), ("fp8e4nv", gl.float8e4nv))[: 2 if i == 0 else 1]:  # fp8 once: the same loop
-        blocks = {"a_desc": [cfg.block_m, cfg.block_k], "w_desc": [cfg.block_n, cfg.block_k]}
-        signature = {name: f"tensordesc<{operand}{block},{gl.NVMMASharedLayout.get_default_for(block, operand_gl)!r}>" for name, block in blocks.items()}
+    for operand in ("i8", "fp8e4nv")[: 2 if i == 0 else 1]:  # fp8 once: the same loop
+        (a_shared, w_shared), layouts = gk._wgmma_layouts(cfg, 32, torch.bfloat16, torch.int8 if operand == "i8" else torch.float8_e4m3fn)
+        signature = {"a_desc": f"tensordesc<{operand}[{cfg.block_m}, {cfg.block_k}],{a_shared!r}>",
+                     "w_desc": f"tensordesc<{operand}[{cfg.block_n}, {cfg.block_k}],{w_shared!r}>"}
         signature.update(sa_ptr="*fp32", sw_ptr="*fp32", la_ptr="*bf16", lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16",
                          M="i32", N="i32", K="i32", R="i32", gelu_start="i32", gelu_end="i32", num_programs="i32")
         constexprs = dict(ACC_DTYPE=gl.int32 if operand == "i8" else gl.float32, HAS_BIAS=True, GELU=True, BLOCK_R=32,
-                          GROUP_M=cfg.group_m, STAGES=cfg.num_stages, **gk._wgmma_layouts(cfg, 32, torch.bfloat16))
+                          GROUP_M=cfg.group_m, STAGES=cfg.num_stages, **layouts)
         signature.update(dict.fromkeys(constexprs, "constexpr"))
         kernel = triton.compile(GluonASTSource(gk._w4a4_gemm_wgmma_kernel, signature, constexprs),
                                 target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})

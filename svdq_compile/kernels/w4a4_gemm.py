@@ -37,6 +37,7 @@ N, K, rank chunks, dtype) is measured on the first call and cached.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import torch
@@ -475,8 +476,11 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
     )
 
 
-def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype) -> dict:
-    """The Gluon kernel's register and shared-memory layouts for ``cfg`` (its constexpr arguments).
+@functools.cache
+def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, operand_dtype: torch.dtype) -> tuple[tuple, dict]:
+    """The Gluon kernel's layouts for ``cfg``: the shared-memory layouts of its two TMA descriptors
+    (act_q's, weight_q's) and its layout constexpr arguments. Cached: building them takes about
+    70 us of Python, on every launch otherwise.
 
     Warps tile M first (a wgmma spans 4 warps and 64 rows), then N. The instruction's N is at most
     128: an int8 wgmma takes N up to 224, and 128 divides every tile width used here. The 8-bit
@@ -484,14 +488,17 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype) -> di
     dot moves no data.
 
     Example:
-        >>> _wgmma_layouts(GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True), 32, torch.bfloat16)["ACC_LAYOUT"].instr_shape
+        >>> _, constexprs = _wgmma_layouts(GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True), 32, torch.bfloat16, torch.int8)
+        >>> constexprs["ACC_LAYOUT"].instr_shape
         [16, 128, 32]
     """
     warps_m = min(cfg.num_warps, max(cfg.block_m // 16, 4))
     warps = [warps_m, cfg.num_warps // warps_m]
     instr_n = min(cfg.block_n // warps[1], 128)
     lanes_r = block_r // 8  # 16-byte loads of lora_up along the rank
-    return dict(
+    operand_gl = gl.int8 if operand_dtype == torch.int8 else gl.float8e4nv
+    descriptors = tuple(gl.NVMMASharedLayout.get_default_for([rows, cfg.block_k], operand_gl) for rows in (cfg.block_m, cfg.block_n))
+    return descriptors, dict(
         ACC_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 32]),
         LORA_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 16]),
         LU_LOAD_LAYOUT=gl.BlockedLayout([1, 8], [32 // lanes_r, lanes_r], [cfg.num_warps, 1], [1, 0]),
@@ -503,11 +510,16 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype) -> di
 _wgmma_build_error: str | None = None
 
 
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    """sm_90, the GPUs with wgmma. Cached: the capability query would run on every launch."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
 def _wgmma_runs(device: torch.device, lora_dtype: torch.dtype) -> bool:
-    """Whether the Gluon kernel can run: a Hopper GPU (sm_90: wgmma), 16-bit low-rank operands,
-    and no earlier failure to build it."""
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-    return hopper and lora_dtype in (torch.bfloat16, torch.float16) and _wgmma_build_error is None
+    """Whether the Gluon kernel can run: a Hopper GPU, 16-bit low-rank operands, and no earlier
+    failure to build it."""
+    return _hopper(device) and lora_dtype in (torch.bfloat16, torch.float16) and _wgmma_build_error is None
 
 
 def _launch_wgmma(args: tuple, m: int, n: int, k: int, rank: int, has_bias: bool, gelu: tuple[int, int], acc_dtype: tl.dtype, block_r: int, cfg: GemmConfig) -> None:
@@ -516,16 +528,15 @@ def _launch_wgmma(args: tuple, m: int, n: int, k: int, rank: int, has_bias: bool
     act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, out = args
     if not _wgmma_runs(act_q.device, lora_up.dtype) or lora_act.dtype != lora_up.dtype:
         raise ValueError("w4a4_gemm: a wgmma config needs a Hopper GPU and lora_act, lora_up of one 16-bit dtype")
-    operand_gl = gl.int8 if act_q.dtype == torch.int8 else gl.float8e4nv
-    a_block, w_block = [cfg.block_m, cfg.block_k], [cfg.block_n, cfg.block_k]
+    (a_shared, w_shared), constexprs = _wgmma_layouts(cfg, block_r, lora_up.dtype, act_q.dtype)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(sm_count(act_q.device), tiles) if cfg.persistent else tiles
     _w4a4_gemm_wgmma_kernel[(programs,)](
-        TensorDescriptor.from_tensor(act_q, a_block, gl.NVMMASharedLayout.get_default_for(a_block, operand_gl)),
-        TensorDescriptor.from_tensor(weight_q, w_block, gl.NVMMASharedLayout.get_default_for(w_block, operand_gl)),
+        TensorDescriptor.from_tensor(act_q, [cfg.block_m, cfg.block_k], a_shared),
+        TensorDescriptor.from_tensor(weight_q, [cfg.block_n, cfg.block_k], w_shared),
         act_scales, weight_scales, lora_act, lora_up, bias, out, m, n, k, rank, *gelu, programs,
-        ACC_DTYPE=gl.int32 if acc_dtype == tl.int32 else gl.float32, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], BLOCK_R=block_r,
-        GROUP_M=cfg.group_m, STAGES=cfg.num_stages, **_wgmma_layouts(cfg, block_r, lora_up.dtype), num_warps=cfg.num_warps,
+        ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], BLOCK_R=block_r,
+        GROUP_M=cfg.group_m, STAGES=cfg.num_stages, **constexprs, num_warps=cfg.num_warps,
     )
 
 
