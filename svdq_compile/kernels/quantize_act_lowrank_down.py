@@ -59,9 +59,19 @@ def _divide(x, d, d_inv):
 
 @triton.jit
 def _round_int4(v):
-    """Clamp to [QMIN, QMAX], then round half to even (= rounding, then clamping, for any finite v)."""
-    v = tl.minimum(tl.maximum(v, -8.0), 7.0)
-    return (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds |v| < 2**22 half to even in fp32
+    """``v`` rounded half to even, as int32, for the quotients of a group by its step.
+
+    numerics clamps to [QMIN, QMAX] first; the clamp never binds here, so it is left out. A step
+    is at least the group's max over 7 (two-level: ``s1 * mult`` with ``mult >= max / (7 s1)``,
+    16 * s1 >= max / 7 where mult stops at 16; float groups: max / 7; power-of-two multipliers
+    are larger), so with at most four roundings, ``|v| <= 7 (1 + 2^-21) < 7.5`` rounds into
+    [-7, 7]. A token or group holding a NaN or Inf has all of its q multiplied by 0 after this.
+
+    Adding 1.5 * 2**23 rounds ``v`` half to even into the low mantissa bits, which then hold the
+    integer: a float add and an integer subtract instead of a float-to-int conversion (a
+    quarter-rate instruction on the GPU).
+    """
+    return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
 
 
 @triton.jit
@@ -102,7 +112,9 @@ def _row_max_lowrank_kernel(
     rows = offs_m.to(tl.int64)[:, None] * stride_x
     k_begin = split * K_PER_SPLIT
     k_end = min(k_begin + K_PER_SPLIT, K)
-    row_max = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # Column-chunk maxima of 8 adjacent columns, reduced across chunks once after the loop: each
+    # thread's 8 contiguous columns reduce in its registers, with no shuffles in the loop.
+    chunk_max = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -111,13 +123,13 @@ def _row_max_lowrank_kernel(
         if ROW_MAX:
             if r_chunk == 0:
                 xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-                row_max = _max_propagate_nan(row_max, tl.reduce(tl.abs(xs), 1, _max_propagate_nan))
+                chunk_max = _max_propagate_nan(chunk_max, tl.reduce(tl.reshape(tl.abs(xs), (BLOCK_M, BLOCK_K // 8, 8)), 2, _max_propagate_nan))
         if HAS_LORA:
             down = tl.load(down_ptr + offs_r[:, None] * stride_down + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             acc = tl.dot(x.to(DOT_DTYPE), tl.trans(down.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
     if ROW_MAX:
         if r_chunk == 0:
-            tl.store(max_ptr + split * M + offs_m, row_max, mask=mask_m)
+            tl.store(max_ptr + split * M + offs_m, tl.reduce(chunk_max, 1, _max_propagate_nan), mask=mask_m)
     if HAS_LORA:
         partial = partial_ptr + split * M * R + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
         tl.store(partial, acc, mask=mask_m[:, None] & mask_r[None, :])
@@ -162,7 +174,7 @@ def _quantize_kernel(
             tl.store(scale_ptr + offs_m, s1, mask=mask_m)
         s1_safe = tl.where(s1 == 0.0, 1.0, s1)
         # A NaN or Inf in the token makes s1 non-finite, and all its q are 0 (numerics).
-        row_finite = (tl.abs(s1) < float("inf"))[:, None, None]
+        row_finite = (tl.abs(s1) < float("inf"))[:, None]
         mult_divisor = (s1_safe * 7.0)[:, None]
     k_begin = split * K_PER_SPLIT
     k_end = min(k_begin + K_PER_SPLIT, K)
@@ -174,23 +186,26 @@ def _quantize_kernel(
         xs = x.to(tl.float32) * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
         xg = tl.reshape(xs, (BLOCK_M, NUM_GROUPS, GROUP))
         group_max = tl.reduce(tl.abs(xg), 2, _max_propagate_nan)
+        # Per group: the step q counts in, and the factor of the rounded q (the two-level
+        # multiplier, or 1), 0 where the row or group holds a NaN or Inf.
         if TWO_LEVEL:
             mult = tl.minimum(tl.maximum(tl.ceil(tl.math.div_rn(group_max, mult_divisor)), 1.0), 16.0)
             if POW2:  # the power of two at or above the integer multiplier
                 mult = tl.where(mult > 8.0, 16.0, tl.where(mult > 4.0, 8.0, tl.where(mult > 2.0, 4.0, mult)))
             step = s1_safe[:, None] * mult
-            q = _round_int4(_divide(xg, step[:, :, None], tl.math.div_rn(1.0, step)[:, :, None]))
-            q = tl.where(row_finite, q * mult[:, :, None], 0.0)
+            factor = tl.where(row_finite, mult, 0.0)
         else:
-            scale = tl.math.div_rn(group_max, 7.0)
-            safe = tl.where(scale == 0.0, 1.0, scale)
-            q = _round_int4(_divide(xg, safe[:, :, None], tl.math.div_rn(1.0, safe)[:, :, None]))
-            # A NaN or Inf in the group makes its scale non-finite, and all its q are 0 (numerics).
-            q = tl.where((tl.abs(scale) < float("inf"))[:, :, None], q, 0.0)
+            step = tl.math.div_rn(group_max, 7.0)
             offs_g = k0 // GROUP + tl.arange(0, NUM_GROUPS)
-            tl.store(scale_ptr + offs_m.to(tl.int64)[:, None] * num_groups_k + offs_g[None, :], scale,
+            tl.store(scale_ptr + offs_m.to(tl.int64)[:, None] * num_groups_k + offs_g[None, :], step,
                      mask=mask_m[:, None] & (offs_g[None, :] < k_end // GROUP))
-        # int8, or fp8 e4m3 for power-of-two multipliers (q * 2^e is exact there)
+            factor = tl.where(tl.abs(step) < float("inf"), 1.0, 0.0)
+            step = tl.where(step == 0.0, 1.0, step)
+        q = _round_int4(_divide(xg, step[:, :, None], tl.math.div_rn(1.0, step)[:, :, None]))
+        if POW2:  # fp8 e4m3: q * 2^e is exact there
+            q = q.to(tl.float32) * factor[:, :, None]
+        else:  # int8
+            q = q * factor.to(tl.int32)[:, :, None]
         tl.store(q_ptr + rows + offs_k[None, :], tl.reshape(q, (BLOCK_M, BLOCK_K)).to(q_ptr.dtype.element_ty), mask=mask)
 
 
