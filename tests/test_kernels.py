@@ -180,6 +180,39 @@ def test_quantize_near_ties_and_random_quotients():
         assert torch.equal(act_q, ref_q) and torch.equal(scales, ref_scales)
 
 
+@pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
+def test_quantize_largest_quotients_round_into_range_without_a_clamp(two_level, fp8):
+    """The kernel leaves out numerics' clamp to [-8, 7]: a group's largest quotients, a few ulp
+    over 7 where a multiplier's rounding leaves the step a little short, still round to 7.
+
+    Each row: group 0 holds the row max (its multiplier is 16, or ceil gives 17 and the clamp to
+    16 applies), group j a max whose multiplier quotient lands within 2 ulp of j, and every group
+    its max with both signs and values just under it."""
+    gen = torch.Generator().manual_seed(5)
+    rows, groups = 32, 17
+    pool = torch.exp(torch.empty(4096).uniform_(-20, 20, generator=gen))
+    over_16 = torch.ceil(pool / (pool / 112 * 7)) > 16  # numerics' multiplier quotient for the row max
+    row_max = torch.cat((pool[over_16][: rows // 2], pool[~over_16][: rows - rows // 2]))
+    s1 = row_max / 112
+    ulps = torch.randint(-2, 3, (rows, groups), generator=gen).float()
+    ratio = torch.arange(groups).float().clamp(min=1) * (1 + ulps * torch.finfo(torch.float32).eps)
+    group_max = torch.where(torch.arange(groups) == 0, row_max[:, None], (s1 * 7)[:, None] * ratio).clamp(max=row_max[:, None])
+    shrink = 1 - torch.randint(0, 4, (rows, groups, 64), generator=gen).float() * torch.finfo(torch.float32).eps
+    sign = torch.where(torch.rand(rows, groups, 64, generator=gen) < 0.5, -1.0, 1.0)
+    x = (group_max[:, :, None] * shrink * sign).reshape(rows, groups * 64)
+    k = x.shape[1]
+    act_q, scales, _ = qk.quantize_act_lowrank_down(x, torch.ones(k), torch.zeros(0, k), 64, two_level, qk.QuantizeConfig(8, 256, 4, 2), fp8=fp8)
+    ref_q, ref_scales, _ = qk.quantize_act_lowrank_down_reference(x, torch.ones(k), torch.zeros(0, k), 64, two_level, fp8=fp8)
+    assert torch.equal(act_q.float(), ref_q.float()) and torch.equal(scales, ref_scales)
+    # The inputs reach the cases the clamp's absence relies on (else this test could not fail).
+    if two_level:
+        q, mult, oracle_s1 = numerics.quantize_int4_2level(x, 64, pow2=fp8)
+        quotients = x.reshape(rows, groups, 64) / (oracle_s1[:, None, None] * mult[:, :, None].float())
+        assert quotients.abs().max() > 7 and q.abs().max() == 7
+        t = group_max[:, 0] / (oracle_s1 * 7)
+        assert (torch.ceil(t) > 16).any()
+
+
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("rank", [0, 16, 48, 160])
 @pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
