@@ -93,15 +93,20 @@ class _Capture:
     as_tuple: bool
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Key:
-    """A call's capture key (weights' addresses, activations' shapes and which of them are output
-    buffers read in place), the part of it that says whether a call was seen before (without the
-    in-place marks, which change as the blocks around a call start replaying), and its signature."""
+    """A call's capture key: ``seen`` (weights' addresses, activations' shapes; whether a call was
+    seen before), ``in_place`` (which activations are output buffers read in place: these marks
+    change as the blocks around a call start replaying) and the activations' ``signature``."""
 
-    full: tuple
     seen: tuple
+    in_place: tuple
     signature: tuple
+
+    @property
+    def full(self) -> tuple:
+        """What a capture is keyed by: a capture reads exactly these arguments in place."""
+        return self.seen, self.in_place
 
 
 class GraphReplay:
@@ -181,8 +186,7 @@ class GraphReplay:
                 return None  # an argument whose value a capture could silently freeze
         if device is None or torch.cuda.is_current_stream_capturing():  # inside a capture of the caller's
             return None
-        seen = tuple(parts)
-        return _Key((seen, tuple(in_place)), seen, tuple(signature))
+        return _Key(tuple(parts), tuple(in_place), tuple(signature))
 
     def _capture(self, key: _Key, args: Sequence[Any], static_extra: int) -> _Capture | None:
         first_static = len(args) - static_extra
@@ -204,7 +208,7 @@ class GraphReplay:
             output_set = _OutputSet([torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device) for m in self.seen[key.seen]])
             buffers.output_sets.append(output_set)
             self.output_at.update((t.data_ptr(), output_set) for t in output_set.tensors)
-        read_in_place = {i for i, _ in key.full[1]}
+        read_in_place = {i for i, _ in key.in_place}
         copied = tuple((i, buffer) for i, buffer in zip(activations, buffers.inputs) if i not in read_in_place)
         call_args = list(args)
         for i, buffer in copied:
