@@ -336,7 +336,7 @@ def _member_rows(joint: QuantizedWeight, sizes: list[int]) -> list[tuple[Tensor,
 
 def _cat_rows(parts: list[Tensor]) -> Tensor:
     """``torch.cat(parts)``, as a view when the parts are adjacent rows of one tensor: members of a
-    joint quantization regrouped without one of them (a LoRA took it into its own op) cost no copy.
+    joint quantization run as a smaller group cost no copy.
 
     Example:
         >>> t = torch.arange(12).reshape(6, 2)

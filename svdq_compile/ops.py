@@ -122,6 +122,26 @@ def _concat_lowrank_fake(factors, dim):
     return torch.cat(factors, dim)
 
 
+@torch.library.custom_op("svdq::place_rows", mutates_args=())
+def place_rows(factor: Tensor, offset: int, rows: int) -> Tensor:
+    """``factor`` [n, r] at rows ``offset:offset + n`` of a [rows, r] zero tensor: a LoRA's up factor
+    as its columns of a shared-input op's low-rank up factor (the other members' rows are 0).
+    Opaque to Inductor for the reason ``concat_lowrank`` is (r is symbolic in compiled graphs).
+
+    Example:
+        >>> place_rows(torch.ones(2, 3), 1, 4).sum(1).tolist()
+        [0.0, 3.0, 3.0, 0.0]
+    """
+    out = factor.new_zeros((rows, factor.shape[1]))
+    out[offset : offset + factor.shape[0]] = factor
+    return out
+
+
+@place_rows.register_fake
+def _place_rows_fake(factor, offset, rows):
+    return factor.new_empty((rows, factor.shape[1]))
+
+
 def w4a4_linear(
     x: Tensor,
     weight_q: Tensor,

@@ -268,10 +268,10 @@ def test_lora_loaded_after_compile_recompiles_fused_without_requantizing(flux, t
         out = flux.compiled(**flux_inputs())[0]
         ref = reference(**flux_inputs())[0]
     (summary,) = list(svdq_backend.recent_summaries)[start:]
-    # the LoRA layers leave their groups, which stay fused without them: double block {to_k, to_v},
-    # {add_q_proj, add_k_proj, add_v_proj}; single block {to_q, to_k, to_v}
-    # GELU folds into both double-block MLP up projections and the LoRA'd proj_mlp; proj_out
-    # reads its two pieces in place
+    # the LoRA layers stay in their groups (double block {to_q, to_k, to_v}, {add_q_proj, add_k_proj,
+    # add_v_proj}; single block {to_q, to_k, to_v, proj_mlp}), their adapters folded into the
+    # group ops; GELU folds into both double-block MLP up projections and the single block's group
+    # op (proj_mlp's columns); proj_out reads its two pieces in place
     assert summary.rewrites == {"LoraLinearFusionPass": len(targets), "SharedInputFusionPass": 3, "LinearToW4A4Pass": len(flux.eligible) - len(targets) - 8,
                                 "GeluEpilogueFusionPass": 3, "CatInputFusionPass": 1}
     assert {origin for *_, origin in summary.layers} == {"reused"}
@@ -300,15 +300,20 @@ def test_lora_from_safetensors_is_fused_and_acts_like_the_fp_lora(tmp_path):
     quant_plain = swap_to_quantized(copy.deepcopy(fp_plain), flux_inputs())
     start = len(svdq_backend.recent_summaries)
     compiled = torch.compile(base, backend="svdquant", fullgraph=True, options=OPTIONS)
-    with torch.no_grad():
+    counter = CountW4A4()
+    with torch.no_grad(), torch._inductor.config.patch(post_grad_custom_post_pass=counter):
         out = compiled(**flux_inputs())[0]
+    with torch.no_grad():
         ref = reference(**flux_inputs())[0]
         q_plain = quant_plain(**flux_inputs())[0]
         fp_delta = fp_lora(**flux_inputs())[0] - fp_plain(**flux_inputs())[0]
     (summary,) = list(svdq_backend.recent_summaries)[start:]
     assert summary.rewrites["LoraLinearFusionPass"] == len(targets)
-    assert summary.rewrites["SharedInputFusionPass"] == 3  # q/k/v groups without their LoRA layers (8 linears)
-    assert summary.rewrites["LinearToW4A4Pass"] == len(eligible_linears(base)) - len(targets) - 8
+    # q/k/v groups with their LoRA'd members (to_q, proj_mlp): 10 linears in 3 ops
+    assert summary.rewrites["SharedInputFusionPass"] == 3
+    assert summary.rewrites["LinearToW4A4Pass"] == len(eligible_linears(base)) - 10 - 1
+    # one op per group, per other quantized linear, and ff.net.2's own op with its adapter
+    assert sum(counter.counts) == 3 + summary.rewrites["LinearToW4A4Pass"] + 1
     assert rel_err(out, ref) < 1e-4
     # the LoRA moves the quantized model's output the way it moves the fp model's: within the
     # quantization error of a network whose activations the LoRA doubled (0.12 measured), while a

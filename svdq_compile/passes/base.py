@@ -185,6 +185,25 @@ def shared_input_groups(graph: fx.Graph, quantizes: Callable[[fx.Node], bool]) -
     return [list(by_weight.values()) for by_weight in readers.values() if len(by_weight) > 1]
 
 
+def hoist_before(anchor: fx.Node, nodes: list[fx.Node]) -> bool:
+    """Move every node of ``nodes`` that comes after ``anchor`` to just before it, so that an op
+    inserted before ``anchor`` can read them. Only nodes without inputs (graph inputs, ``get_attr``
+    constants) can move; False, and nothing moved, when another one comes later.
+
+    Example:
+        >>> g = fx.Graph(); x = g.placeholder("x"); y = g.call_function(torch.neg, (x,)); w = g.get_attr("w")
+        >>> hoist_before(y, [w]), [n.name for n in g.nodes]
+        (True, ['x', 'w', 'neg'])
+    """
+    position = {node: i for i, node in enumerate(anchor.graph.nodes)}
+    late = [n for n in nodes if position[n] > position[anchor]]
+    if any(n.all_input_nodes for n in late):
+        return False
+    for node in late:
+        anchor.prepend(node)
+    return True
+
+
 def is_w4a4(node: fx.Node) -> bool:
     """True for a ``svdq.w4a4_linear`` call node."""
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is W4A4_OP
@@ -200,4 +219,4 @@ def count_linears(graph: fx.Graph) -> int:
     return sum(1 for n in graph.nodes if linear_parts(n) is not None)
 
 
-__all__ = ["SVDQPass", "WeightProvider", "QuantizedNodes", "W4A4_OP", "linear_parts", "emit_w4a4", "copy_meta", "count_w4a4", "count_linears", "is_w4a4", "traced_value", "cast_dtype", "shared_input_groups", "is_add", "is_mul"]
+__all__ = ["SVDQPass", "WeightProvider", "QuantizedNodes", "W4A4_OP", "linear_parts", "emit_w4a4", "copy_meta", "count_w4a4", "count_linears", "is_w4a4", "traced_value", "cast_dtype", "shared_input_groups", "hoist_before", "is_add", "is_mul"]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import numbers
+import operator
 
 import torch
 from torch import fx
 from torch.nn import functional as F
 
 from ..lora import MAX_FUSED_RANK, prepare_lora_layers
-from .base import SVDQPass, cast_dtype, copy_meta, emit_w4a4, is_add, is_mul, linear_parts, traced_value
+from .base import SVDQPass, cast_dtype, copy_meta, emit_w4a4, hoist_before, is_add, is_mul, is_w4a4, linear_parts, traced_value
 
 log = logging.getLogger("svdq_compile")
 
@@ -32,6 +33,19 @@ class LoraLinearFusionPass(SVDQPass):
         down = concat_lowrank([lora_down, A1.type_as(lora_down), A2.type_as(lora_down)], 0)
         up   = concat_lowrank([lora_up, (B1 * s1).type_as(lora_up), (B2 * s2).type_as(lora_up)], 1)
         y = svdq.w4a4_linear(x, W_q, scales, smooth_inv, down, up, b, 64)
+
+    A linear that ``SharedInputFusionPass`` ran in a group (q/k/v reading one x) is a piece of the
+    group's op; its adapters go into that op, their up factors at the member's rows (``place_rows``,
+    zeros at the other members' rows), so the group stays one op with one quantization of x::
+
+        y = svdq.w4a4_linear(x, W_qkv, ..., lora_down, lora_up, b, 64);  q, k, v = split(y, [Nq, Nk, Nv])
+        q1 = q + linear(linear(dropout(x), Aq), Bq) * sq
+
+    becomes::
+
+        down = concat_lowrank([lora_down, Aq.type_as(lora_down)], 0)
+        up   = concat_lowrank([lora_up, place_rows((Bq * sq).type_as(lora_up), 0, Nq + Nk + Nv)], 1)
+        y = svdq.w4a4_linear(x, W_qkv, ..., down, up, b, 64);  q1, k, v = split(y, [Nq, Nk, Nv])
 
     Adapters in another dtype than the model (peft's fp32 adapters on a bf16 model trace as
     ``d = dropout(x.to(float32))``) are matched too; the fused branch then runs in x's dtype.
@@ -63,6 +77,9 @@ class LoraLinearFusionPass(SVDQPass):
     def apply(self, graph: fx.Graph) -> int:
         count = 0
         for node in list(graph.nodes):
+            if is_w4a4(node):  # made by SharedInputFusionPass
+                count += _fold_into_group(graph, node)
+                continue
             parts = linear_parts(node)
             if parts is None or node.graph is not graph:
                 continue
@@ -73,11 +90,7 @@ class LoraLinearFusionPass(SVDQPass):
             quant = self.provider.quantized_nodes(graph, weight)
             if quant is None:
                 continue
-            fitting = _fitting_prefix(_rank(quant.lora_down), [_rank(a) for a, _, _ in adapters])
-            if fitting < len(adapters):
-                log.info("svdquant: %s: LoRA adapters %s stay a 16-bit branch: total low-rank rank %d > %d (the fused maximum)",
-                         _source_name(weight), [_source_name(b) for _, b, _ in adapters[fitting:]],
-                         _rank(quant.lora_down) + sum(_rank(a) for a, _, _ in adapters), MAX_FUSED_RANK)
+            fitting = _fitting_adapters(quant.lora_down, adapters, _source_name(weight))
             if not fitting:
                 continue
             adapters, last = adapters[:fitting], adds[fitting - 1]
@@ -93,6 +106,66 @@ class LoraLinearFusionPass(SVDQPass):
             count += 1
         _prepare_traced_module()  # also when no adapter is in the graph: a fused or disabled LoRA can be unfused or enabled later
         return count
+
+
+def _group_members(op: fx.Node) -> tuple[int, list[tuple[fx.Node, int, list[tuple[fx.Node, fx.Node, object]], list[fx.Node]]]]:
+    """For a shared-input op (``torch.split`` of its output into members): its output rows, and
+    ``(member output, first row, adapters, their adds)`` of each member with LoRA adapters added
+    onto its output, in row order."""
+    if len(op.users) != 1:
+        return 0, []
+    (split,) = op.users
+    if split.op != "call_function" or split.target is not torch.split or not isinstance(split.args[1], (list, tuple)):
+        return 0, []
+    offsets = [sum(split.args[1][:i]) for i in range(len(split.args[1]))]
+    members = []
+    for piece in split.users:
+        if piece.target is operator.getitem and isinstance(piece.args[1], int):
+            adapters, adds = _adapters_after(piece, op.args[0])
+            if adapters:
+                members.append((piece, offsets[piece.args[1]], adapters, adds))
+    return sum(split.args[1]), sorted(members, key=lambda member: member[1])
+
+
+def _fold_into_group(graph: fx.Graph, op: fx.Node) -> int:
+    """Append the adapters of a shared-input ``op``'s members to its low-rank factors (up factors at
+    their member's rows) and take their adds out; returns how many members' adapters were folded."""
+    rows, members = _group_members(op)
+    if not members:
+        return 0
+    lora_down, lora_up = op.args[4], op.args[5]
+    fitting = _fitting_adapters(lora_down, [a for _, _, adapters, _ in members for a in adapters], _source_name(op.args[1]))
+    folded = []  # (member output, its row offset, its adapters that fit, the add of the last one)
+    for piece, offset, adapters, adds in members:
+        take = min(fitting, len(adapters))
+        if take:
+            folded.append((piece, offset, adapters[:take], adds[take - 1]))
+        fitting -= take
+    if not folded:
+        return 0
+    inputs = [n for _, _, adapters, _ in folded for a, b, s in adapters for n in (a, b, s) if isinstance(n, fx.Node)]
+    if not hoist_before(op, inputs):
+        log.info("svdquant: LoRA adapters %s stay a 16-bit branch: a factor or strength of theirs is computed after their shared-input op",
+                 [_source_name(b) for _, _, adapters, _ in folded for _, b, _ in adapters])
+        return 0
+    with graph.inserting_before(op):
+        downs = [lora_down] + [graph.call_method("type_as", (a, lora_down)) for _, _, adapters, _ in folded for a, _, _ in adapters]
+        ups = [lora_up] + [graph.call_function(torch.ops.svdq.place_rows.default, (graph.call_method("type_as", (_scaled(graph, b, s), lora_up)), offset, rows))
+                           for _, offset, adapters, _ in folded for _, b, s in adapters]
+        op.update_arg(4, graph.call_function(torch.ops.svdq.concat_lowrank.default, (downs, 0)))
+        op.update_arg(5, graph.call_function(torch.ops.svdq.concat_lowrank.default, (ups, 1)))
+    for piece, _, _, last in folded:
+        last.replace_all_uses_with(piece)
+    return len(folded)
+
+
+def _fitting_adapters(lora_down: fx.Node, adapters: list[tuple[fx.Node, fx.Node, object]], name: str) -> int:
+    """How many of ``adapters``, in order, the op's low-rank branch can take; logs those left out."""
+    fitting = _fitting_prefix(_rank(lora_down), [_rank(a) for a, _, _ in adapters])
+    if fitting < len(adapters):
+        log.info("svdquant: %s: LoRA adapters %s stay a 16-bit branch: total low-rank rank %d > %d (the fused maximum)",
+                 name, [_source_name(b) for _, b, _ in adapters[fitting:]], _rank(lora_down) + sum(_rank(a) for a, _, _ in adapters), MAX_FUSED_RANK)
+    return fitting
 
 
 # Modules whose LoRA layers get prepared once Dynamo has finished compiling them: Dynamo builds

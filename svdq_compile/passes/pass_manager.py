@@ -14,13 +14,15 @@ from .linear_to_w4a4 import LinearToW4A4Pass
 from .lora_linear_fusion import LoraLinearFusionPass
 from .shared_input_fusion import SharedInputFusionPass
 
-# (config flag, pass class), in the order they run: LoRA fusion first, because once the base linear
-# of a LoRA is rewritten alone the adapters could only stay a separate 16-bit branch; shared-input
-# fusion before the one-by-one rewrite, which takes whatever is left; then the passes that fold a
-# W4A4 op's neighbours (the GELU after it, the concatenation before it) into the op.
+# (config flag, pass class), in the order they run: shared-input fusion first, so that linears with
+# LoRA adapters stay in their group (q/k/v); LoRA fusion next, folding adapters into the group ops
+# and into ops of their own for the other linears (once a base linear is rewritten without them,
+# the adapters could only stay a separate 16-bit branch); the one-by-one rewrite takes whatever is
+# left; then the passes that fold a W4A4 op's neighbours (the GELU after it, the concatenation
+# before it) into the op.
 PASSES: tuple[tuple[str, type[SVDQPass]], ...] = (
-    ("fuse_lora", LoraLinearFusionPass),
     ("fuse_shared_input", SharedInputFusionPass),
+    ("fuse_lora", LoraLinearFusionPass),
     ("quantize_linear", LinearToW4A4Pass),
     ("fuse_gelu", GeluEpilogueFusionPass),
     ("fuse_cat_input", CatInputFusionPass),
@@ -33,7 +35,7 @@ class SVDQPassManager:
     Example:
         >>> never = type("Never", (), {"quantized_nodes": lambda *a: None, "quantizes": lambda *a: False})()
         >>> SVDQPassManager(SVDQuantConfig(), never)(fx.Graph())
-        {'LoraLinearFusionPass': 0, 'SharedInputFusionPass': 0, 'LinearToW4A4Pass': 0, 'GeluEpilogueFusionPass': 0, 'CatInputFusionPass': 0}
+        {'SharedInputFusionPass': 0, 'LoraLinearFusionPass': 0, 'LinearToW4A4Pass': 0, 'GeluEpilogueFusionPass': 0, 'CatInputFusionPass': 0}
     """
 
     def __init__(self, config: SVDQuantConfig, provider: WeightProvider) -> None:

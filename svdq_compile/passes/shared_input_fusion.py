@@ -7,7 +7,7 @@ import operator
 import torch
 from torch import fx
 
-from .base import SVDQPass, copy_meta, emit_w4a4, linear_parts, shared_input_groups, traced_value
+from .base import SVDQPass, copy_meta, emit_w4a4, hoist_before, linear_parts, shared_input_groups, traced_value
 
 
 class SharedInputFusionPass(SVDQPass):
@@ -27,10 +27,10 @@ class SharedInputFusionPass(SVDQPass):
 
     The operands are those of one SVDQuant layer of the concatenated weight ``[Wq; Wk; Wv]`` (one
     shared smoothing, one SVD); the provider supplies them (``joint_quantized_nodes``) or declines,
-    and a declined group is left to ``LinearToW4A4Pass``, one op per linear. Only plain linears
-    whose weight the provider quantizes take part: a linear with LoRA adapters was rewritten by
-    ``LoraLinearFusionPass`` before this pass runs, and a skipped one stays 16-bit, leaving the
-    others grouped (or alone, if one remains).
+    and a declined group is left to ``LinearToW4A4Pass``, one op per linear. Linears whose weight
+    the provider quantizes take part, those with LoRA adapters too: ``LoraLinearFusionPass`` runs
+    next and folds the adapters added onto a member's output into the group's op. A skipped linear
+    stays 16-bit, leaving the others grouped (or alone, if one remains).
 
     Example:
         >>> from torch.nn import functional as F
@@ -57,7 +57,7 @@ class SharedInputFusionPass(SVDQPass):
         if any(s is None or len(s) != 2 for s in shapes) or len({s[1] for s in shapes}) > 1:
             return False
         first = linears[0]
-        if not _hoist_before(first, [n for n in weights + biases if n is not None]):
+        if not hoist_before(first, [n for n in weights + biases if n is not None]):
             return False
         quant = self.provider.joint_quantized_nodes(graph, weights)
         if quant is None:
@@ -81,19 +81,6 @@ def _joint_bias(graph: fx.Graph, biases: list[fx.Node | None], sizes: list[int])
         return None
     parts = [b if b is not None else graph.call_method("new_zeros", (present, (n,))) for b, n in zip(biases, sizes)]
     return graph.call_function(torch.cat, (parts,))
-
-
-def _hoist_before(anchor: fx.Node, nodes: list[fx.Node]) -> bool:
-    """Move every node of ``nodes`` that comes after ``anchor`` to just before it, so the fused op can
-    take the place of the group's first linear. Only nodes without inputs (graph inputs, ``get_attr``
-    constants) can move; False, and nothing moved, when another one comes later."""
-    position = {node: i for i, node in enumerate(anchor.graph.nodes)}
-    late = [n for n in nodes if position[n] > position[anchor]]
-    if any(n.all_input_nodes for n in late):
-        return False
-    for node in late:
-        anchor.prepend(node)
-    return True
 
 
 def _shape(node: fx.Node) -> torch.Size | None:
