@@ -11,7 +11,8 @@ time is cold, memory is the configuration's own, and the disk cache is the only 
 * int4 weight-only (torch._weight_int4pack_mm, group 64), Inductor;
 * svdquant (backend="svdquant", rank 32), cold and again with a warm cache; svdquant + a rank-32 LoRA;
   svdquant with 4-bit packed weights in memory (``packed_weights=True``); svdquant in the
-  "int4_pow2" format (power-of-two group multipliers, fp8 operands and tensor cores);
+  "int4_pow2" format (power-of-two group multipliers, fp8 operands and tensor cores), also with
+  packed weights;
 * bf16 Inductor and svdquant with the compiled forward captured as one CUDA graph
   (``torch.cuda.graph``; static shapes), which takes the per-call CPU work (Python, kernel
   launches, guards) out of the forward. (``mode="reduce-overhead"`` with regional compilation
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CONFIGS = ["bf16 eager", "bf16 inductor", "fp8 rowwise", "int4 weight-only", "svdquant", "svdquant warm", "svdquant + LoRA",
-           "svdquant packed", "svdquant pow2", "bf16 inductor + CUDA graph", "svdquant + CUDA graph", "svdquant + LoRA + CUDA graph",
+           "svdquant packed", "svdquant pow2", "svdquant pow2 packed", "bf16 inductor + CUDA graph", "svdquant + CUDA graph", "svdquant + LoRA + CUDA graph",
            "bf16 inductor whole model", "svdquant whole model"]
 TEXT_TOKENS = 512
 GROUP = 64
@@ -259,6 +260,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options | {"packed_weights": True})
     elif name == "svdquant pow2":
         model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options | {"format": "int4_pow2"})
+    elif name == "svdquant pow2 packed":
+        model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options | {"format": "int4_pow2", "packed_weights": True})
     elif name.startswith("svdquant"):
         model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=svdq_options)
     torch.cuda.synchronize()

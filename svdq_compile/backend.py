@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import fnmatch
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -67,6 +68,11 @@ from .passes.base import QuantizedNodes, linear_parts, shared_input_groups
 from .passes.pass_manager import SVDQPassManager
 from .quantized_linear import CalibrationStats, QuantizedLinear
 from .summary import CompileSummary
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # torch without custom pass classes: the pass is still a callable
+    CustomGraphPass = object  # type: ignore[misc,assignment]
 
 log = logging.getLogger("svdq_compile")
 
@@ -391,7 +397,7 @@ def _quantized_entry(weight: Tensor, name: str, config: SVDQuantConfig, stats: C
             if key:
                 cache.save(config, key, layer)
         weight_q = layer.weight_operand()
-        if config.packed_weights:
+        if config.packed_weights and numerics.packs(weight_q, config.group_size):
             weight_q = numerics.pack_weight_operand(weight_q, config.group_size, config.two_level)
         return QuantizedWeight(weight_q, layer.scales, layer.smooth_inv, layer.lora_down, layer.lora_up, config.group_size, name, time.perf_counter() - start, from_cache)
 
@@ -720,6 +726,35 @@ def _inductor_patches(mode: str | None) -> dict[str, Any]:
     return dict(modes[mode]) if mode else {}
 
 
+class _ConfigInCacheKey(CustomGraphPass):  # type: ignore[misc]
+    """A post-grad pass that changes nothing but puts the svdquant config into Inductor's FX-graph
+    cache key (through its uuid), and runs the pass that was registered before it, if any.
+
+    Two configs can give the same graph code over quantized operands that differ only in sizes the
+    cache does not check: the backend's extra inputs carry no guards, so a packed int4_2level
+    weight ([N, K/2 + K/G] uint8) and a packed int4_pow2 one ([N, K/2 + K/2G]) got each other's
+    compiled graph.
+
+    Example:
+        >>> len(_ConfigInCacheKey(SVDQuantConfig(), None).uuid())
+        64
+    """
+
+    def __init__(self, config: SVDQuantConfig, previous: Callable | None) -> None:
+        self.key = repr((config_key(config), config.packed_weights))
+        self.previous = previous
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if self.previous is not None:
+            self.previous(graph)
+
+    def uuid(self) -> str | None:
+        previous = "" if self.previous is None else getattr(self.previous, "uuid", lambda: None)()
+        if previous is None:  # a pass Inductor cannot key: it bypasses its cache, and so must this one
+            return None
+        return hashlib.sha256((self.key + previous).encode()).hexdigest()
+
+
 def _mark_16bit_reads(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Remember every parameter the compiled graph still reads, and refuse already-freed ones."""
     for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
@@ -773,7 +808,7 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
             raise ValueError(f"svdquant: mode given twice ({mode!r} and options['mode'] = {options['mode']!r}); give it once")
         mode = options.pop("mode")
     config = checkpoint_config(SVDQuantConfig.from_options(options))
-    patches = _inductor_patches(mode)
+    patches = _inductor_patches(mode) | {"post_grad_custom_pre_pass": _ConfigInCacheKey(config, torch._inductor.config.post_grad_custom_pre_pass)}
     if os.environ.get("SVDQUANT", "").strip() == "0":
         log.info("svdquant: SVDQUANT=0, compiling with plain Inductor (no rewrite)")
         return compile_fx(gm, example_inputs, config_patches=patches)
@@ -833,12 +868,6 @@ class _FrozenProvider(_Provider):
                 nodes.append(graph.get_attr(attr))
         self.count += 1
         return QuantizedNodes(*nodes, entry.group_size)
-
-
-try:
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-except ImportError:  # torch without custom pass classes: the pass is still a callable
-    CustomGraphPass = object  # type: ignore[misc,assignment]
 
 
 class SVDQuantInductorPass(CustomGraphPass):  # type: ignore[misc]

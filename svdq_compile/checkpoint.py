@@ -185,11 +185,14 @@ def _check_matches(targets: dict[str, Tensor], quantized: dict[str, list[int]], 
 
 
 def _unpack(parts: dict[str, Tensor], config: SVDQuantConfig, name: str) -> QuantizedWeight:
-    if config.packed_weights:  # the file's layout is numerics.pack_weight_operand's, split in two
+    fp8 = config.format == "int4_pow2"
+    if config.packed_weights and not fp8:  # the file's layout is numerics.pack_weight_operand's, split in two
         weight_q = torch.cat((parts["qweight"], parts["mult"]), dim=-1) if config.two_level else parts["qweight"]
     else:
         q = numerics.unpack_int4(parts["qweight"])
-        weight_q = numerics.expand_2level(q, parts["mult"], config.group_size, fp8=config.format == "int4_pow2") if config.two_level else q
+        weight_q = numerics.expand_2level(q, parts["mult"], config.group_size, fp8=fp8) if config.two_level else q
+        if config.packed_weights and numerics.packs(weight_q, config.group_size):  # int4_pow2 packs exponents, not the file's multipliers
+            weight_q = numerics.pack_weight_operand(weight_q, config.group_size, True)
     return QuantizedWeight(weight_q, parts["scales"], parts["smooth_inv"], parts["lora_down"], parts["lora_up"],
                            config.group_size, name.removesuffix(".weight"), seconds=0.0, from_cache=True, freed=True)
 

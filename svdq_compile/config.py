@@ -43,7 +43,7 @@ class SVDQuantConfig:
             "int4_pow2" rounds each ``m`` up to a power of two: the value times ``m`` is then
             exact in fp8 e4m3 and the GEMM runs on fp8 tensor cores, 8-16% faster than on int8
             ones on an H200, for coarser group scales. benchmarks/RESULTS.md has the speed and
-            quality of each. Not with ``packed_weights``.
+            quality of each.
         group_size: channels per quantization group along the input dimension.
         rank: rank of the 16-bit low-rank branch that absorbs the weight outliers (0 disables it).
         alpha: smoothing exponent on activation maxima. ``None`` grid-searches (alpha, beta) per layer
@@ -69,9 +69,11 @@ class SVDQuantConfig:
         free_weights: after the first compiled call, release the storage of the 16-bit weights the
             compiled graph no longer reads (eager calls and ``state_dict`` then fail).
         packed_weights: keep quantized weights in GPU memory at 4 bits (0.27x the bytes of bf16)
-            and expand each to the GEMM's int8 operand just before its GEMM, instead of keeping the
-            int8 operand (0.5x): less memory, about 8% slower GEMMs at large M on an H100
+            and expand each to the GEMM's 8-bit operand just before its GEMM, instead of keeping
+            the 8-bit operand (0.5x): less memory, about 8% slower GEMMs at large M on an H100
             (benchmarks/RESULTS.md). Applies when a weight is first quantized in the process.
+            With "int4_pow2", layers with a single group per row (``in_features == group_size``)
+            keep their 8-bit operand (their packed form could not be told from "int4_2level"'s).
         cuda_graphs: replay each compiled graph's calls on CUDA as CUDA graphs, one per block of
             weights and input shapes, captured at the second call with those shapes
             (``svdq_compile.cuda_graphs``). Takes the host time of launching the kernels out of
@@ -125,8 +127,6 @@ class SVDQuantConfig:
         self.skip = tuple(self.skip)
         if not isinstance(self.calib_tokens, int) or self.calib_tokens < 1:
             raise ValueError(f"calib_tokens must be an integer >= 1, got {self.calib_tokens!r}")
-        if self.packed_weights and self.format == "int4_pow2":
-            raise ValueError('packed_weights takes format "int4_2level" or "int4", not "int4_pow2" (its fp8 operand has no packed form yet)')
         for name in ("fuse_lora", "fuse_shared_input", "quantize_linear", "fuse_gelu", "fuse_cat_input", "free_weights", "packed_weights", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -108,25 +108,29 @@ def expand_2level(q: Tensor, mult: Tensor, group_size: int = 64, fp8: bool = Fal
     return operand.to(torch.float8_e4m3fn) if fp8 else operand
 
 
-def split_2level(operand: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor]:
+def split_2level(operand: Tensor, group_size: int = 64, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """Inverse of ``expand_2level``: int4 values and multipliers that expand to ``operand`` exactly.
 
-    Per group, the smallest multiplier m in 1..16 that divides every value with a quotient in
-    [-8, 7]; the multiplier the quantizer chose always qualifies, so a solution exists for every
-    operand ``expand_2level`` made, and it reproduces the operand bit for bit.
+    Per group, the smallest multiplier m in 1..16 (with ``pow2``, a power of two) that divides
+    every value with a quotient in [-8, 7]; the multiplier the quantizer chose always qualifies, so
+    a solution exists for every operand ``expand_2level`` made, and it reproduces the operand bit
+    for bit. An fp8 operand ("int4_pow2") is read as the integers it holds.
 
     Example:
         >>> q, m = split_2level(expand_2level(torch.full((1, 64), 7, dtype=torch.int8), torch.tensor([[5]], dtype=torch.uint8)))
         >>> m.item(), q[0, 0].item()
         (5, 7)
+        >>> split_2level(torch.full((1, 64), -48, dtype=torch.int8), pow2=True)[1].item()  # -8 * 6 fits too, but 6 is no power of two
+        8
     """
-    e = operand.to(torch.int16).unflatten(-1, (-1, group_size))
+    values = operand.float() if operand.dtype == torch.float8_e4m3fn else operand
+    e = values.to(torch.int16).unflatten(-1, (-1, group_size))
     mult = torch.zeros(e.shape[:-1], dtype=torch.int16, device=e.device)
-    for m in range(MULT_MAX, 0, -1):  # descending, so the smallest valid m is written last
+    for m in ((16, 8, 4, 2, 1) if pow2 else range(MULT_MAX, 0, -1)):  # descending, so the smallest valid m is written last
         fits = ((e % m == 0) & (e >= QMIN * m) & (e <= QMAX * m)).all(-1)
         mult = torch.where(fits, m, mult)
     if bool((mult == 0).any()):
-        raise ValueError("split_2level: operand is not q * m with q in [-8, 7] and m in 1..16")
+        raise ValueError(f"split_2level: operand is not q * m with q in [-8, 7] and m in {'1, 2, 4, 8, 16' if pow2 else '1..16'}")
     return (e // mult.unsqueeze(-1)).flatten(-2).to(torch.int8), mult.to(torch.uint8)
 
 
@@ -177,45 +181,91 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 
 def pack_weight_operand(operand: Tensor, group_size: int, two_level: bool) -> Tensor:
-    """The weight GEMM operand at 4 bits per value: uint8 ``[N, K/2 + K/group_size]`` (two-level:
-    packed ``q`` then one multiplier byte per group) or ``[N, K/2]`` (float groups: packed ``q``).
+    """The weight GEMM operand at 4 bits per value, uint8 ``[N, packed_weight_columns(...)]``:
+    packed ``q``, then per group its multiplier (int8 "int4_2level" operand: one byte), its
+    exponent (float8_e4m3fn "int4_pow2" operand, ``q * 2^e``: a nibble, two groups per byte) or
+    nothing (float groups, "int4").
 
     What the op keeps in GPU memory with ``SVDQuantConfig(packed_weights=True)``: 0.27x the bytes of
-    bf16 instead of 0.5x for the int8 operand; ``unpack_weight_operand`` restores it exactly.
+    bf16 instead of 0.5x for the 8-bit operand; ``unpack_weight_operand`` restores it exactly. The
+    column count tells the formats apart, so an "int4_pow2" operand needs two groups or more per row.
 
     Example:
         >>> op = expand_2level(torch.full((1, 64), -3, dtype=torch.int8), torch.tensor([[5]], dtype=torch.uint8))
         >>> packed = pack_weight_operand(op, 64, True)
         >>> packed.shape, torch.equal(unpack_weight_operand(packed, 64, 64, True), op)
         (torch.Size([1, 33]), True)
+        >>> pow2 = expand_2level(torch.full((1, 128), -3, dtype=torch.int8), torch.tensor([[4, 16]], dtype=torch.uint8), fp8=True)
+        >>> packed = pack_weight_operand(pow2, 64, True)
+        >>> packed.shape, torch.equal(unpack_weight_operand(packed, 128, 64, True).float(), pow2.float())
+        (torch.Size([1, 65]), True)
     """
-    if operand.dtype != torch.int8:
-        raise ValueError(f"pack_weight_operand: the operand must be int8 (formats int4_2level and int4), got {operand.dtype}")
-    if two_level:
-        q, mult = split_2level(operand, group_size)
+    fp8 = operand.dtype == torch.float8_e4m3fn
+    if operand.dtype != torch.int8 and not (fp8 and two_level):
+        raise ValueError(f"pack_weight_operand: the operand must be int8, or float8_e4m3fn with two_level (int4_pow2), got {operand.dtype}")
+    if not two_level:
+        return pack_int4(operand)
+    groups = operand.shape[-1] // group_size
+    if fp8 and groups < 2:
+        raise ValueError(f"pack_weight_operand: an int4_pow2 operand needs K >= 2 * group_size to be packed, got K = {operand.shape[-1]}")
+    q, mult = split_2level(operand, group_size, pow2=fp8)
+    if not fp8:
         return torch.cat((pack_int4(q), mult), dim=-1)
-    return pack_int4(operand)
+    exponent = torch.log2(mult.float()).to(torch.int8)
+    if groups % 2:
+        exponent = torch.cat((exponent, exponent.new_zeros((*exponent.shape[:-1], 1))), dim=-1)
+    return torch.cat((pack_int4(q), pack_int4(exponent)), dim=-1)
+
+
+def packs(operand: Tensor, group_size: int) -> bool:
+    """Whether ``pack_weight_operand`` takes this 8-bit operand: int8, or an "int4_pow2" one
+    (float8_e4m3fn) with two groups or more per row.
+
+    Example:
+        >>> packs(torch.zeros(2, 64, dtype=torch.int8), 64), packs(torch.zeros(2, 64, dtype=torch.float8_e4m3fn), 64)
+        (True, False)
+    """
+    return operand.dtype == torch.int8 or operand.shape[-1] >= 2 * group_size
 
 
 def unpack_weight_operand(packed: Tensor, k: int, group_size: int, two_level: bool) -> Tensor:
-    """Inverse of ``pack_weight_operand``: the int8 [N, K] GEMM operand, exactly.
+    """Inverse of ``pack_weight_operand``: the int8 (or, packed from "int4_pow2", float8_e4m3fn)
+    [N, K] GEMM operand, exactly.
 
     Example:
         >>> unpack_weight_operand(pack_weight_operand(torch.ones(2, 64, dtype=torch.int8), 64, False), 64, 64, False).sum().item()
         128
     """
     q = unpack_int4(packed[..., : k // 2])
-    return expand_2level(q, packed[..., k // 2 :], group_size) if two_level else q
+    if not two_level:
+        return q
+    if packed_pow2(packed.shape[-1], k, group_size):
+        exponent = unpack_int4(packed[..., k // 2 :])[..., : k // group_size]
+        return expand_2level(q, (1 << exponent.to(torch.int16)).to(torch.uint8), group_size, fp8=True)
+    return expand_2level(q, packed[..., k // 2 :], group_size)
 
 
-def packed_weight_columns(k: int, group_size: int, two_level: bool) -> int:
-    """Bytes per row of ``pack_weight_operand``'s result.
+def packed_weight_columns(k: int, group_size: int, two_level: bool, pow2: bool = False) -> int:
+    """Bytes per row of ``pack_weight_operand``'s result (``pow2``: from an "int4_pow2" operand).
 
     Example:
-        >>> packed_weight_columns(3072, 64, True)
-        1584
+        >>> packed_weight_columns(3072, 64, True), packed_weight_columns(3072, 64, True, pow2=True)
+        (1584, 1560)
     """
-    return k // 2 + (k // group_size if two_level else 0)
+    groups = k // group_size
+    return k // 2 + ((groups + 1) // 2 if pow2 else groups if two_level else 0)
+
+
+def packed_pow2(columns: int, k: int, group_size: int) -> bool:
+    """Whether a two-level packed weight of ``columns`` bytes per row holds an "int4_pow2" operand
+    (exponent nibbles) rather than an "int4_2level" one (multiplier bytes): they differ in size
+    from two groups per row on.
+
+    Example:
+        >>> packed_pow2(1560, 3072, 64), packed_pow2(1584, 3072, 64)
+        (True, False)
+    """
+    return k >= 2 * group_size and columns == packed_weight_columns(k, group_size, True, pow2=True)
 
 
 def smoothing_factors(act_absmax: Tensor | None, weight: Tensor, alpha: float, beta: float) -> Tensor:

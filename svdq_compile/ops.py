@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .numerics import packed_weight_columns, w4a4_linear_reference
+from .numerics import packed_pow2, packed_weight_columns, w4a4_linear_reference
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -56,9 +56,12 @@ def check_w4a4_args(
         raise ValueError(f"w4a4_linear: x (with x_tail) has {x_features} features but the weight expects {k}; pass x of shape [..., {k}]")
     if group_size <= 0 or k % group_size:
         raise ValueError(f"w4a4_linear: K = {k} must be a multiple of group_size = {group_size}; keep this layer in 16-bit")
-    packed_columns = packed_weight_columns(k, group_size, weight_scales.dim() == 1)
-    if weight_q.dtype == torch.uint8 and weight_q.shape[1] != packed_columns:
-        raise ValueError(f"w4a4_linear: a packed weight_q for K = {k} must be uint8 [{n}, {packed_columns}] "
+    two_level = weight_scales.dim() == 1
+    packed_columns = [packed_weight_columns(k, group_size, two_level)]  # a list: K may be symbolic (unhashable)
+    if two_level and k >= 2 * group_size:
+        packed_columns.append(packed_weight_columns(k, group_size, True, pow2=True))  # from an int4_pow2 operand
+    if weight_q.dtype == torch.uint8 and weight_q.shape[1] not in packed_columns:
+        raise ValueError(f"w4a4_linear: a packed weight_q for K = {k} must be uint8 [{n}, C] with C in {packed_columns} "
                          f"(numerics.pack_weight_operand), got {tuple(weight_q.shape)}")
     if weight_scales.shape not in ((n,), (n, k // group_size)):
         raise ValueError(f"w4a4_linear: weight_scales must be [{n}] (two-level) or [{n}, {k // group_size}] (group scales), got {tuple(weight_scales.shape)}")
@@ -192,14 +195,16 @@ def _reference_reason(device_index: int, group_size: int, fp8: bool) -> str | No
 @_w4a4_linear_op.register_kernel("cuda")
 def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail=None, gelu_start=0, gelu_end=0):
     """CUDA: the two fused Triton kernels (quantize + low-rank down, then GEMM + epilogue), plus
-    the expansion of a packed 4-bit weight to the int8 operand before the GEMM.
+    the expansion of a packed 4-bit weight to the 8-bit operand before the GEMM.
 
     GPUs without int8 tensor cores (compute capability < 8.0; < 8.9 for the fp8 operands of
     "int4_pow2") and group sizes the kernels do not take (not a power of two in 16..256) run the
     reference instead, with a one-time warning.
     """
     check_w4a4_args(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
-    fp8 = weight_q.dtype == torch.float8_e4m3fn
+    two_level = weight_scales.dim() == 1
+    k = smooth_inv.shape[0]
+    fp8 = weight_q.dtype == torch.float8_e4m3fn or (weight_q.dtype == torch.uint8 and two_level and packed_pow2(weight_q.shape[1], k, group_size))
     if _reference_reason(x.device.index, group_size, fp8) is not None:
         return w4a4_linear_reference(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
     # Imported here so that importing the package does not compile or decorate Triton kernels.
@@ -207,12 +212,11 @@ def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up
     from .kernels.unpack_weight import unpack_weight
     from .kernels.w4a4_gemm import w4a4_gemm
 
-    two_level = weight_scales.dim() == 1
     # reshape keeps a view where it can (a column slice of a larger output stays in place).
     x2d = x.reshape(-1, x.shape[-1])
     tail2d = None if x_tail is None else x_tail.reshape(-1, x_tail.shape[-1])
     act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level, x_tail=tail2d, fp8=fp8)
     if weight_q.dtype == torch.uint8:  # packed 4-bit weights: expand into a buffer that lives for this call
-        weight_q = unpack_weight(weight_q, act_q.shape[1], group_size, two_level)
+        weight_q = unpack_weight(weight_q, k, group_size, two_level)
     out = w4a4_gemm(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, x.dtype, gelu_start=gelu_start, gelu_end=gelu_end)
     return out.reshape(*x.shape[:-1], weight_q.shape[0])

@@ -154,5 +154,12 @@ def test_int4_pow2_checkpoint_reloads_its_fp8_operands(tmp_path):
     reloaded = torch.compile(fresh, backend="svdquant", options={"checkpoint": str(path), "cache_dir": ""})
     with torch.no_grad():
         assert torch.equal(reloaded(x), out)
-    with pytest.raises(ValueError, match="packed_weights takes format"):
-        load_quantized(Tiny().eval(), path, packed_weights=True)  # noqa: F821
+    # packed at load: the blocks' operands to 4 bits (exponent nibbles), inp's one-group rows kept fp8
+    packed = Tiny().eval()  # noqa: F821
+    load_quantized(packed, path, packed_weights=True)
+    assert [e.weight_q.dtype for e in quantized_entries(packed.blocks[0].weight).values()] == [torch.uint8]
+    assert [e.weight_q.dtype for e in quantized_entries(packed.inp.weight).values()] == [torch.float8_e4m3fn]
+    torch._dynamo.reset()  # else Dynamo serves the graph made for fresh's 8-bit operands (it does not guard on the operands the backend adds)
+    compiled_packed = torch.compile(packed, backend="svdquant", options={"checkpoint": str(path), "cache_dir": ""})
+    with torch.no_grad():
+        assert torch.equal(compiled_packed(x), out)

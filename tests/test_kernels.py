@@ -52,17 +52,21 @@ def test_kernels_run_under_the_interpreter():
 
 
 @pytest.mark.parametrize("n,k,group", [(37, 192, 64), (16, 512, 64), (5, 384, 128), (33, 96, 32)])
-@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
-def test_unpack_weight_matches_reference(n, k, group, two_level):
-    """Every nibble value (-8..7) and multiplier (1..16) at odd N and K (not multiples of the tile)."""
-    gen = torch.Generator().manual_seed(seed(n, k, group, two_level))
+@pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
+def test_unpack_weight_matches_reference(n, k, group, two_level, fp8):
+    """Every nibble value (-8..7) and multiplier (1..16, or 1..16 by powers of two) at odd N and K
+    (not multiples of the tile; 3 groups per row: an odd count of int4_pow2 exponent nibbles)."""
+    gen = torch.Generator().manual_seed(seed(n, k, group, two_level, fp8))
     q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
     mult = torch.randint(1, 17, (n, k // group), generator=gen, dtype=torch.uint8)
-    operand = numerics.expand_2level(q, mult, group) if two_level else q
+    if fp8:
+        mult = (1 << torch.randint(0, 5, mult.shape, generator=gen)).to(torch.uint8)
+    operand = numerics.expand_2level(q, mult, group, fp8) if two_level else q
     packed = numerics.pack_weight_operand(operand, group, two_level)
+    assert packed.shape[1] == numerics.packed_weight_columns(k, group, two_level, fp8)
     out = uk.unpack_weight(packed, k, group, two_level)
-    assert out.dtype == torch.int8 and torch.equal(out, uk.unpack_weight_reference(packed, k, group, two_level))
-    assert torch.equal(out, operand)
+    assert out.dtype == operand.dtype and torch.equal(out.view(torch.uint8), uk.unpack_weight_reference(packed, k, group, two_level).view(torch.uint8))
+    assert torch.equal(out.view(torch.uint8), operand.view(torch.uint8))
 
 
 @pytest.mark.parametrize("rank", [0, 16, 48, 160])

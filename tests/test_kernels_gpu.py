@@ -206,7 +206,7 @@ def test_custom_op_on_cuda_matches_reference(m_shape, n, k, two_level, fp8, dtyp
     if x.dim() == 3:  # a non-contiguous input is copied first: the same numbers come out
         strided = torch.ops.svdq.w4a4_linear(x.transpose(0, 1), weight_q, scales, smooth_inv, lora_down, lora_up, bias, 64)
         assert torch.equal(strided, out.transpose(0, 1))
-    if not fp8:  # 4-bit weights in memory: same output (int4_pow2 has no packed form)
+    if numerics.packs(weight_q, 64):  # 4-bit weights in memory: same output
         packed = numerics.pack_weight_operand(weight_q, 64, two_level)
         assert torch.equal(torch.ops.svdq.w4a4_linear(x, packed, scales, smooth_inv, lora_down, lora_up, bias, 64), out)
 
@@ -248,14 +248,16 @@ def test_custom_op_two_pieces_and_gelu_on_cuda(m, two_level):
 
 
 @pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
-@pytest.mark.parametrize("two_level", [True, False], ids=["2level", "groups"])
-def test_unpack_weight_flux_shapes(two_level, n, k):
+@pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
+def test_unpack_weight_flux_shapes(two_level, fp8, n, k):
     from svdq_compile.kernels.unpack_weight import unpack_weight
 
-    gen = torch.Generator(device="cuda").manual_seed(seed(two_level, n, k))
+    gen = torch.Generator(device="cuda").manual_seed(seed(two_level, fp8, n, k))
     q = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
     mult = torch.randint(1, 17, (n, k // 64), generator=gen, device="cuda", dtype=torch.uint8)
-    operand = numerics.expand_2level(q, mult, 64) if two_level else q
+    if fp8:
+        mult = (1 << torch.randint(0, 5, mult.shape, generator=gen, device="cuda")).to(torch.uint8)
+    operand = numerics.expand_2level(q, mult, 64, fp8) if two_level else q
     packed = numerics.pack_weight_operand(operand, 64, two_level)
-    _poison(((n, k), torch.int8))
-    assert torch.equal(unpack_weight(packed, k, 64, two_level), operand)
+    _poison(((n, k), operand.dtype))
+    assert torch.equal(unpack_weight(packed, k, 64, two_level).view(torch.uint8), operand.view(torch.uint8))

@@ -136,9 +136,9 @@ def test_config_checks():
     with pytest.raises(ValueError, match="valid options"):
         SVDQuantConfig.from_options({"rnak": 4})
     assert SVDQuantConfig.from_options({"skip": "proj_out"}).skip == ("proj_out",)
-    with pytest.raises(ValueError, match="packed_weights takes format"):
-        SVDQuantConfig(format="int4_pow2", packed_weights=True)
     with pytest.raises(ValueError, match="must be int8"):
+        nm.pack_weight_operand(torch.zeros(2, 128, dtype=torch.float8_e4m3fn), 64, False)
+    with pytest.raises(ValueError, match="K >= 2 \\* group_size"):  # one group: its width would be int4_2level's
         nm.pack_weight_operand(torch.zeros(2, 64, dtype=torch.float8_e4m3fn), 64, True)
 
 

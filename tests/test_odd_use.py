@@ -1,5 +1,6 @@
 """Odd but real use of the backend: several models and configs in one process, grad, odd shapes."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -90,20 +91,37 @@ def test_shapes_that_do_not_fit_stay_16bit_with_a_reason():
     assert "multiple of group_size" in reasons["0"] and "too small" in reasons["1"] and "multiple of group_size" in reasons["2"]
 
 
-def test_packed_weights_give_identical_outputs_from_half_the_bytes():
+@pytest.mark.parametrize("fmt,operand_dtype", [("int4_2level", torch.int8), ("int4_pow2", torch.float8_e4m3fn)])
+def test_packed_weights_give_identical_outputs_from_half_the_bytes(fmt, operand_dtype):
     torch._dynamo.reset()
     x = _x()
     outs, entries = [], []
     for packed in (False, True):
         model = _mlp(4)
-        compiled = torch.compile(model, backend="svdquant", options={"rank": 8, "cache_dir": "", "packed_weights": packed})
+        compiled = torch.compile(model, backend="svdquant", options={"rank": 8, "cache_dir": "", "format": fmt, "packed_weights": packed})
         with torch.no_grad():
             outs.append(compiled(x))
         (entry,) = svdq_backend.quantized_entries(model[0].weight).values()
         entries.append(entry)
     assert torch.equal(outs[0], outs[1])
-    assert entries[0].weight_q.dtype == torch.int8 and entries[1].weight_q.dtype == torch.uint8
+    assert entries[0].weight_q.dtype == operand_dtype and entries[1].weight_q.dtype == torch.uint8
     assert entries[1].weight_q.nbytes < 0.52 * entries[0].weight_q.nbytes
+
+
+def test_configs_with_the_same_graph_code_get_their_own_inductor_cache_entries():
+    """Packed int4_2level and packed int4_pow2 weights are uint8 operands of the same graph code that
+    differ only in width, which the backend's extra graph inputs do not guard: without the config in
+    Inductor's FX-graph cache key, the second compile was served the first one's graph (and failed
+    its size asserts)."""
+    x = _x()
+    with torch._inductor.config.patch(fx_graph_cache=True):
+        for fmt in ("int4_2level", "int4_pow2"):
+            torch._dynamo.reset()
+            model = _mlp(4)
+            options = {"rank": 8, "cache_dir": "", "format": fmt, "packed_weights": True, "free_weights": False}
+            with torch.no_grad():
+                out = torch.compile(model, backend="svdquant", options=options)(x)
+            torch.testing.assert_close(out, _reference(model, options, x), rtol=1e-5, atol=1e-5)
 
 
 def test_deepcopy_of_a_model_whose_weights_were_freed_says_what_to_do():

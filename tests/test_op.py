@@ -127,12 +127,12 @@ def test_two_piece_input_and_gelu_columns(gelu_columns):
     assert start == end or not torch.equal(out, plain)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int4_2level"])
-def test_packed_weight_gives_the_int8_operands_output_exactly(fmt):
+@pytest.mark.parametrize("fmt", ["int4", "int4_2level", "int4_pow2"])
+def test_packed_weight_gives_the_8bit_operands_output_exactly(fmt):
     """The 4-bit packed form of the weight operand (numerics.pack_weight_operand) is the same op."""
     _, layer = _layer(fmt=fmt)
     w_q, *rest = _args(layer)
-    packed = numerics.pack_weight_operand(w_q, layer.group_size, fmt == "int4_2level")
+    packed = numerics.pack_weight_operand(w_q, layer.group_size, fmt != "int4")
     assert packed.dtype == torch.uint8 and packed.numel() < 0.52 * w_q.numel()
     x = _inputs((9, 192), torch.float32)
     assert torch.equal(w4a4_linear(x, packed, *rest), w4a4_linear(x, w_q, *rest))

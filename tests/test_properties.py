@@ -57,7 +57,7 @@ def test_op_matches_formula_on_random_problems(problem):
     if zero_rows.any():  # an all-zero token gets exactly the bias (its low-rank branch is zero too)
         torch.testing.assert_close(out[zero_rows], args[5].expand(int(zero_rows.sum()), -1), rtol=0, atol=0)
     # the weight packed at 4 bits (packed_weights=True) is the same operand: the same output, exactly
-    if args[0].dtype == torch.int8:  # int4_pow2's fp8 operand has no packed form
+    if numerics.packs(args[0], args[6]):
         packed = numerics.pack_weight_operand(args[0], args[6], args[1].dim() == 1)
         assert torch.equal(w4a4_linear(x, packed, *args[1:]), out)
 

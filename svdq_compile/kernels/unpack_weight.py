@@ -1,13 +1,14 @@
-"""Expand a packed 4-bit weight operand to the int8 operand the W4A4 GEMM reads.
+"""Expand a packed 4-bit weight operand to the 8-bit operand the W4A4 GEMM reads.
 
-``unpack_weight(packed, k, group_size, two_level)`` returns int8 [N, K] equal to
+``unpack_weight(packed, k, group_size, two_level)`` returns [N, K] equal to
 ``numerics.unpack_weight_operand`` bit for bit: two's-complement nibbles (element 2j in the low
-nibble), times the group's multiplier in the two-level format.
+nibble), times the group's multiplier in the two-level format (int8), or times 2 to the group's
+exponent nibble for a packed "int4_pow2" operand (float8_e4m3fn, which holds those values exactly).
 
 Why a separate pass instead of unpacking in the GEMM's main loop: on Hopper the int8 tensor-core
 loop runs at ~1000-1170 TOPS on int8 operands but 340-620 TOPS when it unpacks nibbles itself
 (REFERENCE.md section 2). Expanding one layer's weight just before its GEMM into a short-lived
-buffer costs one read of the packed bytes and one int8 write (about 1.5 bytes per weight), while
+buffer costs one read of the packed bytes and one 8-bit write (about 1.5 bytes per weight), while
 the weights rest in memory at 4 bits.
 """
 
@@ -18,13 +19,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..numerics import packed_weight_columns, unpack_weight_operand
+from ..numerics import packed_pow2, packed_weight_columns, unpack_weight_operand
 
 
 @triton.jit
 def _unpack_weight_kernel(
     packed_ptr, out_ptr, N, K, PACKED_COLS,
-    GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_b = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
@@ -38,19 +39,27 @@ def _unpack_weight_kernel(
     mask = mask_n[:, None] & (offs_k < K)[None, :]
     if TWO_LEVEL:
         offs_g = tl.program_id(1) * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
-        mult = tl.load(packed_ptr + rows + K // 2 + offs_g[None, :], mask=mask_n[:, None] & (offs_g < K // GROUP)[None, :], other=0).to(tl.int32)
+        mask_g = mask_n[:, None] & (offs_g < K // GROUP)[None, :]
+        if POW2:  # group g's exponent: nibble g % 2 of byte g // 2
+            byte = tl.load(packed_ptr + rows + K // 2 + offs_g[None, :] // 2, mask=mask_g, other=0).to(tl.int32)
+            mult = 1 << ((byte >> (4 * (offs_g % 2))[None, :]) & 0xF)
+        else:
+            mult = tl.load(packed_ptr + rows + K // 2 + offs_g[None, :], mask=mask_g, other=0).to(tl.int32)
         values = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * mult[:, :, None], (BLOCK_N, BLOCK_K))
-    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], values.to(tl.int8), mask=mask)
+        if POW2:  # through fp32, where q * 2^e is exact, to e4m3, which holds it exactly too
+            values = values.to(tl.float32)
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def unpack_weight(packed: Tensor, k: int, group_size: int, two_level: bool) -> Tensor:
-    """The int8 [N, K] GEMM operand of a ``pack_weight_operand`` weight, in one launch.
+    """The 8-bit [N, K] GEMM operand of a ``pack_weight_operand`` weight, in one launch: int8, or
+    float8_e4m3fn for a packed "int4_pow2" operand (``numerics.packed_pow2``, by its width).
 
     Args:
-        packed: uint8 [N, K/2 + K/group_size] (two-level) or [N, K/2] (float groups), contiguous.
+        packed: uint8 [N, numerics.packed_weight_columns(k, group_size, two_level[, pow2])].
         k: in_features K (a multiple of group_size).
         group_size: power of two in 16..256.
-        two_level: the "int4_2level" format.
+        two_level: the two-level formats ("int4_2level", "int4_pow2"), else float groups ("int4").
 
     Example:
         >>> from svdq_compile.numerics import pack_weight_operand
@@ -59,19 +68,21 @@ def unpack_weight(packed: Tensor, k: int, group_size: int, two_level: bool) -> T
         True
     """
     n = packed.shape[0]
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_weight_columns(k, group_size, two_level):
-        raise ValueError(f"unpack_weight: packed must be uint8 [N, {packed_weight_columns(k, group_size, two_level)}] for K = {k}, "
+    pow2 = two_level and packed.dim() == 2 and packed_pow2(packed.shape[1], k, group_size)
+    columns = packed_weight_columns(k, group_size, two_level, pow2)
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != columns:
+        raise ValueError(f"unpack_weight: packed must be uint8 [N, {columns}] for K = {k}, "
                          f"group_size = {group_size}, two_level = {two_level}; got {packed.dtype} {tuple(packed.shape)}")
     if group_size not in (16, 32, 64, 128, 256) or k % group_size:
         raise ValueError(f"unpack_weight: group_size must be a power of two in 16..256 dividing K = {k}, got {group_size}")
-    out = torch.empty((n, k), dtype=torch.int8, device=packed.device)
+    out = torch.empty((n, k), dtype=torch.float8_e4m3fn if pow2 else torch.int8, device=packed.device)
     if n == 0 or k == 0:
         return out
     block_k = max(256, group_size)
     block_n = 16
     _unpack_weight_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         packed.contiguous(), out, n, k, packed.shape[1],
-        GROUP=group_size, TWO_LEVEL=two_level, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        GROUP=group_size, TWO_LEVEL=two_level, POW2=pow2, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
     return out
 
