@@ -615,10 +615,14 @@ class _BackendProvider(_Provider):
 class _RuntimeCall:
     """Calls the compiled graph with the quantized operands of the weights passed in this call."""
 
-    def __init__(self, compiled: Callable, layers: list[_Layer], shared_sets: list[_Layer], config: SVDQuantConfig, replay: GraphReplay | None = None) -> None:
+    def __init__(self, compiled: Callable, layers: list[_Layer], shared_sets: list[_Layer], config: SVDQuantConfig,
+                 weight_layouts: list[tuple[torch.dtype, tuple[int, ...]]], replay: GraphReplay | None = None) -> None:
         self.compiled = compiled
         self.replay = replay
         self.layers = layers
+        # Each layer's weight operand as compiled (dtype, shape), and the entries found to match it.
+        self.weight_layouts = weight_layouts
+        self.checked: weakref.WeakValueDictionary[int, QuantizedWeight] = weakref.WeakValueDictionary()  # by id: entries compare by value
         self.shared_sets = shared_sets
         self.config = config
         self.config_id = config_key(config)
@@ -631,6 +635,9 @@ class _RuntimeCall:
             if any(self.config_id not in _QUANTIZED.get(w, {}) for w in weights):
                 _group_entry(weights, shared.names, self.config, self.config_id)
         operands = [self._operands(args, layer) for layer in self.layers]
+        for layer, layout, (entry, _) in zip(self.layers, self.weight_layouts, operands):
+            if self.checked.get(id(entry)) is not entry:
+                self._check_layout(layer, layout, entry)
         if not self.announced and len(_QUANTIZED) > known:
             self.announced = True  # regional compilation: the other blocks' weights arrive at their first call
             log.info("svdquant: quantized the weights of a module that shares a compiled graph, at its first call; the others follow")
@@ -646,6 +653,20 @@ class _RuntimeCall:
             if freed_now:
                 _refuse_moves_of_freed_weights(_calling_module())
         return out
+
+    def _check_layout(self, layer: _Layer, layout: tuple[torch.dtype, tuple[int, ...]], entry: QuantizedWeight) -> None:
+        """Refuse an entry whose weight operand is not laid out as the graph was compiled for (Dynamo
+        does not guard on the operands the backend adds, so it may serve this graph to another model
+        of the same class whose weights were loaded packed while these were not, or the reverse)."""
+        found = (entry.weight_q.dtype, tuple(entry.weight_q.shape))
+        if found != layout:
+            raise RuntimeError(
+                f"svdquant: the quantized weight of {', '.join(layer.names)} is {found[0]} {list(found[1])}, but this compiled graph was "
+                f"made for {layout[0]} {list(layout[1])}: another model of this class, compiled with the same options, holds its "
+                "quantized weights in another layout (e.g. one loaded with load_quantized(..., packed_weights=True) and one without); "
+                "load both the same way, or call torch._dynamo.reset() before compiling this one"
+            )
+        self.checked[id(entry)] = entry
 
     def _operands(self, args: tuple, layer: _Layer) -> tuple[QuantizedWeight, tuple[QuantizedWeight, ...]]:
         """The op operands of ``layer`` for the weights in ``args``, and the entries of its weights."""
@@ -828,7 +849,8 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
         return compiled
     # Inductor's own CUDA graphs (mode="reduce-overhead") replace ours.
     replay = GraphReplay(compiled) if config.cuda_graphs and not patches.get("triton.cudagraphs") else None
-    return _RuntimeCall(compiled, provider.layers, provider.shared_input_sets(), config, replay)
+    weight_layouts = [(t.dtype, tuple(t.shape)) for t in provider.extra_inputs[:: len(_OPERAND_FIELDS)]]
+    return _RuntimeCall(compiled, provider.layers, provider.shared_input_sets(), config, weight_layouts, replay)
 
 
 # ---------------------------------------------------------------------------------------------

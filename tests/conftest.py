@@ -17,3 +17,13 @@ def inductor_in_process():
     with torch._inductor.config.patch(compile_threads=1):
         yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_summaries():
+    """Tests find their compiles' summaries as the entries appended to ``recent_summaries`` since
+    they started; that deque keeps the last 64 only, so once a process has compiled 64 graphs,
+    nothing seems appended. Emptied before each test."""
+    from svdq_compile import backend
+
+    backend.recent_summaries.clear()

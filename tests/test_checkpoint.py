@@ -132,6 +132,24 @@ def test_checkpoint_of_another_architecture_is_refused(saved):
         load_quantized(torch.nn.Sequential(torch.nn.Linear(64, 64)), path)
 
 
+def test_a_graph_served_to_weights_of_another_layout_says_what_to_do(saved):
+    """Dynamo does not guard on the operands the backend adds: a second model of the class, loaded
+    packed and compiled with the same options, is served the graph made for 8-bit operands."""
+    folder, path = saved
+    io = torch.load(folder / "io.pt")
+    options = {"checkpoint": str(path), "cache_dir": ""}
+    torch._dynamo.reset()
+    unpacked, packed = Tiny().eval(), Tiny().eval()  # noqa: F821
+    load_quantized(unpacked, path)
+    load_quantized(packed, path, packed_weights=True)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(unpacked, backend="svdquant", options=options)(io["x"]), io["out"])
+        with pytest.raises(RuntimeError, match="another layout.*torch._dynamo.reset"):
+            torch.compile(packed, backend="svdquant", options=options)(io["x"])
+        torch._dynamo.reset()  # what the message says
+        assert torch.equal(torch.compile(packed, backend="svdquant", options=options)(io["x"]), io["out"])
+
+
 def test_saving_an_unquantized_model_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="run it once"):
         save_quantized(Tiny(), tmp_path / "x.safetensors")  # noqa: F821
