@@ -761,19 +761,20 @@ class _ConfigInCacheKey(CustomGraphPass):  # type: ignore[misc]
         64
     """
 
-    def __init__(self, config: SVDQuantConfig, previous: Callable | None) -> None:
+    def __init__(self, config: SVDQuantConfig, previous: Callable | list[Callable] | None) -> None:
         self.key = repr((config_key(config), config.packed_weights))
-        self.previous = previous
+        # The config slot holds a pass, or in newer torch a list of them.
+        self.previous = [] if previous is None else list(previous) if isinstance(previous, (list, tuple)) else [previous]
 
     def __call__(self, graph: fx.Graph) -> None:
-        if self.previous is not None:
-            self.previous(graph)
+        for custom_pass in self.previous:
+            custom_pass(graph)
 
     def uuid(self) -> str | None:
-        previous = "" if self.previous is None else getattr(self.previous, "uuid", lambda: None)()
-        if previous is None:  # a pass Inductor cannot key: it bypasses its cache, and so must this one
+        keys = [getattr(p, "uuid", lambda: None)() for p in self.previous]
+        if None in keys:  # a pass Inductor cannot key: it bypasses its cache, and so must this one
             return None
-        return hashlib.sha256((self.key + previous).encode()).hexdigest()
+        return hashlib.sha256(repr((self.key, keys)).encode()).hexdigest()
 
 
 def _mark_16bit_reads(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:

@@ -124,6 +124,28 @@ def test_configs_with_the_same_graph_code_get_their_own_inductor_cache_entries()
             torch.testing.assert_close(out, _reference(model, options, x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_post_grad_pass_set_before_still_runs_and_keys_the_cache():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Counting(CustomGraphPass):
+        calls = 0
+
+        def __call__(self, graph):
+            Counting.calls += 1
+
+        def uuid(self):
+            return "counting-v1"
+
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(post_grad_custom_pre_pass=Counting(), fx_graph_cache=False):  # a cache hit runs no pass
+        torch.compile(_mlp(6), backend="svdquant", options={"rank": 8, "cache_dir": "", "free_weights": False})(_x())
+    assert Counting.calls == 1
+    config = SVDQuantConfig()
+    keys = {svdq_backend._ConfigInCacheKey(config, previous).uuid() for previous in (None, Counting(), [Counting()])}
+    assert len(keys) == 2 and None not in keys  # the pass's uuid enters the key, in a list or not
+    assert svdq_backend._ConfigInCacheKey(config, lambda graph: None).uuid() is None  # unkeyable: no caching
+
+
 def test_deepcopy_of_a_model_whose_weights_were_freed_says_what_to_do():
     import copy
 
