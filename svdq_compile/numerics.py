@@ -206,7 +206,7 @@ def pack_weight_operand(operand: Tensor, group_size: int, two_level: bool) -> Te
     if not two_level:
         return pack_int4(operand)
     groups = operand.shape[-1] // group_size
-    if fp8 and groups < 2:
+    if not packs(operand, group_size):
         raise ValueError(f"pack_weight_operand: an int4_pow2 operand needs K >= 2 * group_size to be packed, got K = {operand.shape[-1]}")
     q, mult = split_2level(operand, group_size, pow2=fp8)
     if not fp8:

@@ -57,11 +57,10 @@ def check_w4a4_args(
     if group_size <= 0 or k % group_size:
         raise ValueError(f"w4a4_linear: K = {k} must be a multiple of group_size = {group_size}; keep this layer in 16-bit")
     two_level = weight_scales.dim() == 1
-    packed_columns = [packed_weight_columns(k, group_size, two_level)]  # a list: K may be symbolic (unhashable)
-    if two_level and k >= 2 * group_size:
-        packed_columns.append(packed_weight_columns(k, group_size, True, pow2=True))  # from an int4_pow2 operand
-    if weight_q.dtype == torch.uint8 and weight_q.shape[1] not in packed_columns:
-        raise ValueError(f"w4a4_linear: a packed weight_q for K = {k} must be uint8 [{n}, C] with C in {packed_columns} "
+    packed_columns = packed_weight_columns(k, group_size, two_level)
+    if weight_q.dtype == torch.uint8 and weight_q.shape[1] != packed_columns and not (two_level and packed_pow2(weight_q.shape[1], k, group_size)):
+        pow2_columns = f" (or {packed_weight_columns(k, group_size, True, pow2=True)} packed from int4_pow2)" if two_level else ""
+        raise ValueError(f"w4a4_linear: a packed weight_q for K = {k} must be uint8 [{n}, {packed_columns}]{pow2_columns} "
                          f"(numerics.pack_weight_operand), got {tuple(weight_q.shape)}")
     if weight_scales.shape not in ((n,), (n, k // group_size)):
         raise ValueError(f"w4a4_linear: weight_scales must be [{n}] (two-level) or [{n}, {k // group_size}] (group scales), got {tuple(weight_scales.shape)}")

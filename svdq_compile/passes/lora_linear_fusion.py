@@ -95,12 +95,7 @@ class LoraLinearFusionPass(SVDQPass):
                 continue
             adapters, last = adapters[:fitting], adds[fitting - 1]
             with graph.inserting_before(last):
-                downs = [quant.lora_down] + [graph.call_method("type_as", (a, quant.lora_down)) for a, _, _ in adapters]
-                ups = [quant.lora_up] + [graph.call_method("type_as", (_scaled(graph, b, s), quant.lora_up)) for _, b, s in adapters]
-                # an opaque op, not torch.cat: see ops.concat_lowrank
-                down = graph.call_function(torch.ops.svdq.concat_lowrank.default, (downs, 0))
-                up = graph.call_function(torch.ops.svdq.concat_lowrank.default, (ups, 1))
-                fused = emit_w4a4(graph, x, quant, bias, down, up)
+                fused = emit_w4a4(graph, x, quant, bias, *_with_adapters(graph, quant.lora_down, quant.lora_up, adapters))
             copy_meta(last, fused)
             last.replace_all_uses_with(fused)
             count += 1
@@ -149,14 +144,27 @@ def _fold_into_group(graph: fx.Graph, op: fx.Node) -> int:
                  [_source_name(b) for _, _, adapters, _ in folded for _, b, _ in adapters])
         return 0
     with graph.inserting_before(op):
-        downs = [lora_down] + [graph.call_method("type_as", (a, lora_down)) for _, _, adapters, _ in folded for a, _, _ in adapters]
-        ups = [lora_up] + [graph.call_function(torch.ops.svdq.place_rows.default, (graph.call_method("type_as", (_scaled(graph, b, s), lora_up)), offset, rows))
-                           for _, offset, adapters, _ in folded for _, b, s in adapters]
-        op.update_arg(4, graph.call_function(torch.ops.svdq.concat_lowrank.default, (downs, 0)))
-        op.update_arg(5, graph.call_function(torch.ops.svdq.concat_lowrank.default, (ups, 1)))
+        down, up = _with_adapters(graph, lora_down, lora_up, [a for _, _, adapters, _ in folded for a in adapters],
+                                  [(offset, rows) for _, offset, adapters, _ in folded for _ in adapters])
+    op.update_arg(4, down)
+    op.update_arg(5, up)
     for piece, _, _, last in folded:
         last.replace_all_uses_with(piece)
     return len(folded)
+
+
+def _with_adapters(graph: fx.Graph, lora_down: fx.Node, lora_up: fx.Node, adapters: list[tuple[fx.Node, fx.Node, object]],
+                   placements: list[tuple[int, int]] | None = None) -> tuple[fx.Node, fx.Node]:
+    """Nodes of the low-rank factors with the adapters appended: ``concat_lowrank([lora_down, A...], 0)``
+    and ``concat_lowrank([lora_up, s * B...], 1)`` (an opaque op, not torch.cat: see
+    ops.concat_lowrank), each A and s * B in the dtype of the factor it joins. ``placements``:
+    per adapter, its member's first row and the op's rows, where ``place_rows`` puts its s * B."""
+    downs = [graph.call_method("type_as", (a, lora_down)) for a, _, _ in adapters]
+    ups = [graph.call_method("type_as", (_scaled(graph, b, s), lora_up)) for _, b, s in adapters]
+    if placements is not None:
+        ups = [graph.call_function(torch.ops.svdq.place_rows.default, (up, first, rows)) for up, (first, rows) in zip(ups, placements)]
+    return (graph.call_function(torch.ops.svdq.concat_lowrank.default, ([lora_down, *downs], 0)),
+            graph.call_function(torch.ops.svdq.concat_lowrank.default, ([lora_up, *ups], 1)))
 
 
 def _fitting_adapters(lora_down: fx.Node, adapters: list[tuple[fx.Node, fx.Node, object]], name: str) -> int:
