@@ -79,7 +79,8 @@ def _wgmma_configs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="wgmma needs a Hopper GPU (sm_90)")
-@pytest.mark.parametrize("cfg", _wgmma_configs(), ids=lambda c: f"{c.block_m}x{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}")
+@pytest.mark.parametrize("cfg", _wgmma_configs(), ids=lambda c: f"{c.block_m}x{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}"
+                         + ("p" if c.persistent else "") + ("n256" if c.n256 else ""))
 @pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
 @pytest.mark.parametrize("m,n,k,rank,dtype,gelu", [
     (4608, 3072, 15360, 32, torch.bfloat16, (0, 0)),
@@ -88,7 +89,8 @@ def _wgmma_configs():
     (333, 2000, 1024, 160, torch.float16, (0, 2000)),  # three rank chunks, the last partial
 ], ids=str)
 def test_w4a4_gemm_wgmma(m, n, k, rank, dtype, gelu, fp8, cfg):
-    """The Gluon kernel (one wgmma in flight), forced, against the reference."""
+    """The Gluon kernel (one wgmma in flight), forced, against the reference; n256 configs with
+    int8 run the s8 wgmma renamed in the PTX (kernels/int8_wgmma_256.py)."""
     from svdq_compile.kernels import w4a4_gemm as gk
 
     gen = torch.Generator(device="cuda").manual_seed(seed("wgmma", m, n, k, rank, fp8))

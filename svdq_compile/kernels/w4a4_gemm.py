@@ -22,7 +22,10 @@ On Hopper (sm_90), large M also has candidates whose main loop is written in Glu
 lower-level dialect (``wgmma`` configs): TMA loads several K tiles ahead and one wgmma kept in
 flight while the next is issued, which Triton's own pipeliner does for fp32 accumulators only.
 For int8 they win 3-11% at FLUX's large shapes on an H200; for fp8 Triton's kernels stay faster
-(KERNEL_NOTES.md, v11). The autotuner picks per shape.
+(KERNEL_NOTES.md, v11). Two more (``n256``) issue 256-wide wgmmas, as Triton's own fp8 loop does;
+for int8 that needs ``int8_wgmma_256`` (Triton lowers s8 wgmmas only up to N = 224), and such a
+candidate is only picked after it reproduced the first candidate's output during tuning (not yet
+run on a GPU). The autotuner picks per shape.
 
 Large M may run persistent (one program per SM walking the tiles, TMA loads), optionally leaving
 a last wave that would fill at most half the SMs to a split-K launch. Small M is memory-bound on
@@ -49,7 +52,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from ..numerics import apply_gelu_columns
-from . import sm_count
+from . import int8_wgmma_256, sm_count
+from .int8_wgmma_256 import mark_int8_as_e4m3
 
 # Gluon's TMA load was renamed after Triton 3.6 (the GPU machine's version; CI has a newer one).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -188,7 +192,7 @@ def _w4a4_gemm_wgmma_kernel(
     a_desc, w_desc, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
     M, N, K, R, gelu_start, gelu_end, num_programs,
     ACC_DTYPE: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BLOCK_R: gl.constexpr,
-    GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr, INT8_AS_E4M3: gl.constexpr,
     ACC_LAYOUT: gl.constexpr, LORA_LAYOUT: gl.constexpr, LU_LOAD_LAYOUT: gl.constexpr, LU_SHARED_LAYOUT: gl.constexpr,
 ):
     """Two-level scales on Hopper: the plain kernel's computation with its main loop written in
@@ -198,7 +202,13 @@ def _w4a4_gemm_wgmma_kernel(
     Program p does output tiles p, p + num_programs, ... (num_programs = the tile count: one tile
     each). Its (tile, K tile) steps form one sequence, and TMA loads run STAGES - 1 steps ahead in
     it (zero-filled past M, N and K), so the next tile's first loads are in flight during a tile's
-    epilogue. The epilogue's low-rank dot is one more (synchronous) wgmma, in bf16/fp16."""
+    epilogue. The epilogue's low-rank dot is one more (synchronous) wgmma, in bf16/fp16.
+
+    INT8_AS_E4M3: int8 operands typed as e4m3 and an f32 accumulator, so that the wgmma can be
+    256 wide; the PTX hook of ``int8_wgmma_256`` renames it to s8, and the int32 sums are bit-cast
+    back before the epilogue."""
+    if INT8_AS_E4M3:
+        mark_int8_as_e4m3()
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -229,6 +239,8 @@ def _w4a4_gemm_wgmma_kernel(
             _wgmma_load_step(a_desc, w_desc, a_bufs, w_bufs, ready, step + STAGES - 1, steps, k_tiles, num_pid_m, num_pid_n, num_programs, GROUP_M, STAGES)
             step += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if INT8_AS_E4M3:
+            acc = acc.to(gl.int32, bitcast=True)
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
                         M, N, R, gelu_start, gelu_end, HAS_BIAS, GELU, BLOCK_R, ACC_LAYOUT, LORA_LAYOUT, LU_LOAD_LAYOUT)
@@ -343,6 +355,9 @@ class GemmConfig:
     # two-level, split_k 1, Hopper: the Gluon kernel, one wgmma in flight (num_stages: the K tiles
     # loaded ahead, plus the one in use); with persistent, one program per SM (no split_tail).
     wgmma: bool = False
+    # wgmma only: 256-wide instructions (block_n 256 over one column of warps); for int8 operands
+    # through the e4m3 build and PTX rename of int8_wgmma_256 (Triton lowers s8 up to N = 224).
+    n256: bool = False
 
 
 def _candidate_configs(m: int, two_level: bool, group_size: int, wgmma: bool = False) -> list[GemmConfig]:
@@ -380,6 +395,8 @@ def _candidate_configs(m: int, two_level: bool, group_size: int, wgmma: bool = F
         GemmConfig(256, 128, 64, 1, 8, 6, wgmma=True),
         GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, wgmma=True),
         GemmConfig(256, 128, 128, 1, 8, 4, persistent=True, wgmma=True),
+        GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True, n256=True),
+        GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, wgmma=True, n256=True),
     ] if wgmma else [])
 
 
@@ -483,9 +500,10 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, opera
     70 us of Python, on every launch otherwise.
 
     Warps tile M first (a wgmma spans 4 warps and 64 rows), then N. The instruction's N is at most
-    128: an int8 wgmma takes N up to 224, and 128 divides every tile width used here. The 8-bit
-    and the 16-bit wgmma then share the accumulator's register layout, so the epilogue's low-rank
-    dot moves no data.
+    128 (Triton lowers an int8 wgmma up to N = 224, and 128 divides every tile width used here),
+    or 256 for ``cfg.n256``, where ``operand_dtype`` is the type the kernel is built with (e4m3 for
+    int8 data, see ``int8_wgmma_256``). The 8-bit and the 16-bit wgmma share the accumulator's
+    register layout, so the epilogue's low-rank dot moves no data.
 
     Example:
         >>> _, constexprs = _wgmma_layouts(GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True), 32, torch.bfloat16, torch.int8)
@@ -494,7 +512,9 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, opera
     """
     warps_m = min(cfg.num_warps, max(cfg.block_m // 16, 4))
     warps = [warps_m, cfg.num_warps // warps_m]
-    instr_n = min(cfg.block_n // warps[1], 128)
+    instr_n = cfg.block_n // warps[1] if cfg.n256 else min(cfg.block_n // warps[1], 128)
+    if cfg.n256 and instr_n != 256:
+        raise ValueError(f"w4a4_gemm: an n256 config needs 256 columns per column of warps, got {cfg}")
     lanes_r = block_r // 8  # 16-byte loads of lora_up along the rank
     operand_gl = gl.int8 if operand_dtype == torch.int8 else gl.float8e4nv
     descriptors = tuple(gl.NVMMASharedLayout.get_default_for([rows, cfg.block_k], operand_gl) for rows in (cfg.block_m, cfg.block_n))
@@ -508,6 +528,10 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, opera
 
 # Why the Gluon kernel failed to build in this process (it is then no longer a candidate).
 _wgmma_build_error: str | None = None
+# Why the 256-wide wgmma candidates failed or strayed in this process (they are then dropped).
+_n256_error: str | None = None
+# Compiled int8-as-e4m3 kernels whose PTX rename was checked (ids of Triton's compiled kernels).
+_renamed_kernels: set[int] = set()
 
 
 @functools.cache
@@ -528,16 +552,23 @@ def _launch_wgmma(args: tuple, m: int, n: int, k: int, rank: int, has_bias: bool
     act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, out = args
     if not _wgmma_runs(act_q.device, lora_up.dtype) or lora_act.dtype != lora_up.dtype:
         raise ValueError("w4a4_gemm: a wgmma config needs a Hopper GPU and lora_act, lora_up of one 16-bit dtype")
+    int8_as_e4m3 = cfg.n256 and act_q.dtype == torch.int8
+    if int8_as_e4m3:  # the same bytes, typed so that the wgmma lowers 256 wide (int8_wgmma_256)
+        int8_wgmma_256.install_ptx_hook()
+        act_q, weight_q, acc_dtype = act_q.view(torch.float8_e4m3fn), weight_q.view(torch.float8_e4m3fn), tl.float32
     (a_shared, w_shared), constexprs = _wgmma_layouts(cfg, block_r, lora_up.dtype, act_q.dtype)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(sm_count(act_q.device), tiles) if cfg.persistent else tiles
-    _w4a4_gemm_wgmma_kernel[(programs,)](
+    kernel = _w4a4_gemm_wgmma_kernel[(programs,)](
         TensorDescriptor.from_tensor(act_q, [cfg.block_m, cfg.block_k], a_shared),
         TensorDescriptor.from_tensor(weight_q, [cfg.block_n, cfg.block_k], w_shared),
         act_scales, weight_scales, lora_act, lora_up, bias, out, m, n, k, rank, *gelu, programs,
         ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], BLOCK_R=block_r,
-        GROUP_M=cfg.group_m, STAGES=cfg.num_stages, **constexprs, num_warps=cfg.num_warps,
+        GROUP_M=cfg.group_m, STAGES=cfg.num_stages, INT8_AS_E4M3=int8_as_e4m3, **constexprs, num_warps=cfg.num_warps,
     )
+    if int8_as_e4m3 and id(kernel) not in _renamed_kernels:
+        int8_wgmma_256.check_renamed(kernel)
+        _renamed_kernels.add(id(kernel))
 
 
 def _tail_split(tiles: int, programs: int, k_tiles: int) -> tuple[int, int]:
@@ -560,11 +591,14 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
     """Time every candidate on the real arguments (median of a short run); cache the fastest.
 
     A Gluon candidate that fails to build (Gluon's API moves between Triton releases) is dropped
-    for the rest of the process with one warning: the Triton kernels compute the same."""
-    global _wgmma_build_error
-    best, best_ms = None, float("inf")
+    for the rest of the process with one warning: the Triton kernels compute the same. So is an
+    n256 candidate that fails to build or whose output strays from the first candidate's (a plain
+    Triton kernel) on these arguments: for int8 it runs an instruction Triton does not emit
+    itself (``int8_wgmma_256``)."""
+    global _wgmma_build_error, _n256_error
+    best, best_ms, reference = None, float("inf"), None
     for cfg in _candidate_configs(m, group == 0, group, wgmma=_wgmma_runs(args[0].device, lora_dtype)):
-        if cfg.wgmma and _wgmma_build_error is not None:
+        if cfg.wgmma and _wgmma_build_error is not None or cfg.n256 and _n256_error is not None:
             continue
         try:
             ms = triton.testing.do_bench(lambda: _launch(args, m, n, k, rank, group, has_bias, gelu, lora_dtype, cfg), warmup=5, rep=20, return_mode="median")
@@ -573,14 +607,40 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
         except Exception as exc:
             if not cfg.wgmma:
                 raise
+            if cfg.n256:
+                _n256_error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"w4a4_gemm: the 256-wide wgmma kernel did not build with Triton {triton.__version__}; "
+                              f"the 128-wide ones run instead: {_n256_error}", stacklevel=2)
+                continue
             _wgmma_build_error = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"w4a4_gemm: the Gluon (wgmma) kernel did not build with Triton {triton.__version__}, so the "
                           f"Triton kernels run instead (same results, up to 11% slower on Hopper): {_wgmma_build_error}", stacklevel=2)
             continue
+        if reference is None:
+            reference = args[-1].clone()
+        elif cfg.n256:
+            # Kernels differ only in the order of the low-rank and epilogue roundings: far less.
+            difference = _relative_difference(args[-1], reference)
+            if not difference <= 1e-2:
+                _n256_error = f"{cfg} differed from the first candidate by {difference:.3g} (relative)"
+                warnings.warn(f"w4a4_gemm: the 256-wide wgmma kernel gave other results than the Triton kernels and is not used: {_n256_error}", stacklevel=2)
+                continue
         if ms < best_ms:
             best, best_ms = cfg, ms
     _tuned[key] = best
     return best
+
+
+def _relative_difference(out: Tensor, reference: Tensor) -> float:
+    """``|out - reference| / |reference|`` (2-norms) over the elements where ``reference`` is finite.
+
+    Example:
+        >>> round(_relative_difference(torch.tensor([0.0, 4.0, float("nan")]), torch.tensor([0.0, 5.0, float("nan")])), 3)
+        0.2
+    """
+    finite = reference.isfinite()
+    difference = torch.where(finite, out - reference, 0).float().norm()
+    return (difference / torch.where(finite, reference, 0).float().norm()).item()
 
 
 def tuned_configs() -> dict[tuple, GemmConfig]:
