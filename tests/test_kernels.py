@@ -311,6 +311,42 @@ def test_a_gluon_kernel_that_does_not_build_leaves_the_triton_kernels(monkeypatc
     assert "PassManager" in gk._wgmma_build_error
 
 
+@pytest.mark.parametrize("n256_scale", [1.5, 1 + 2**-10], ids=["strays", "agrees"])
+def test_a_256_wide_candidate_is_picked_only_if_it_reproduces_the_first(n256_scale, monkeypatch):
+    """The 256-wide wgmma candidates (for int8 an instruction renamed in the PTX by
+    kernels/int8_wgmma_256.py) must reproduce the first candidate's output on the real arguments:
+    faster but 50% off, they are dropped for the process with a warning; off by one bf16 rounding,
+    the faster one is chosen. (No GPU here: the Gluon launches write the plain kernel's output,
+    scaled for the n256 ones, and the timer ranks n256 first, then persistent tiles; fp32 low-rank
+    operands, as the interpreter needs.)"""
+    def fake_bench(fn, **kwargs):
+        fn()
+        return 0.5 if launched[-1].n256 else 1.0 if launched[-1].persistent else 2.0
+
+    def gluon(args, m, n, k, rank, has_bias, gelu, acc_dtype, block_r, cfg):
+        args[-1].copy_(expected * (n256_scale if cfg.n256 else 1.0))
+
+    launched = []
+    original_launch = gk._launch
+    monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
+    monkeypatch.setattr(gk, "_launch_wgmma", gluon)
+    monkeypatch.setattr(gk.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(gk, "_wgmma_runs", lambda device, lora_dtype: True)  # "a Hopper GPU"
+    monkeypatch.setattr(gk, "_n256_error", None)
+    args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(7))
+    expected = gk.w4a4_gemm(*args, torch.bfloat16, config=gk.GemmConfig(64, 32, 64, 1, 4, 2))
+    out = torch.empty(300, 40, dtype=torch.bfloat16)
+    if n256_scale > 1.1:
+        with pytest.warns(UserWarning, match="256-wide wgmma kernel gave other results"):
+            chosen = gk._tune((*args, out), ("test",), 300, 40, 128, 16, 0, True, (0, 0), torch.float32)
+        assert chosen.persistent and not chosen.n256
+        assert [cfg.n256 for cfg in launched].count(True) == 1  # the second n256 candidate is not tried
+        assert "0.5" in gk._n256_error
+    else:
+        chosen = gk._tune((*args, out), ("test",), 300, 40, 128, 16, 0, True, (0, 0), torch.float32)
+        assert chosen.n256 and gk._n256_error is None
+
+
 @pytest.mark.parametrize("gelu_columns", [(0, 83), (37, 60), (0, 16)], ids=str)
 @pytest.mark.parametrize(
     "config",
