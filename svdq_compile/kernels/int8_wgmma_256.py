@@ -2,8 +2,9 @@
 
 Hopper has ``wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8`` (``IGMMA.64x256x32.S8.S8``), but
 Triton, 3.6 through 3.9, lowers s8 wgmmas only up to N = 224, so a 256-wide int8 tile issues two
-128-wide instructions that each read the A tile; fp8 e4m3, which lowers at N = 256, ran the same
-loop 10-15% faster on an H200 (KERNEL_NOTES.md, v12-v13). Both are 8-bit K-major operands with
+128-wide instructions that each read the A tile. Triton's own fp8 loop, with 256-wide e4m3
+instructions, ran 10-15% faster than those 128-wide ones, int8 and fp8 alike, on an H200
+(KERNEL_NOTES.md, v12-v13). e4m3 and s8 are both 8-bit K-major operands with
 32-bit accumulators in the same registers, so the kernel is built with e4m3 operand types over the
 int8 bytes and an f32 accumulator, and a PTX-stage hook renames its wgmmas to s8:
 
@@ -34,7 +35,8 @@ _S8_WGMMA = "m64n256k32.s32.s8.s8"
 @triton.jit
 def mark_int8_as_e4m3():
     """Leave ``MARKER`` in the kernel's PTX (an asm comment), so that the hook renames this
-    kernel's wgmmas and no other kernel's."""
+    kernel's wgmmas and no other kernel's. (The text repeats ``MARKER``: a jit function reads
+    no module strings; tests/test_wgmma_build.py fails if the two drift apart.)"""
     tl.inline_asm_elementwise("mov.u32 $0, 0; // svdq: int8 operands typed as e4m3", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
