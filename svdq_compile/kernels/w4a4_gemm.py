@@ -632,15 +632,19 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
 
 
 def _relative_difference(out: Tensor, reference: Tensor) -> float:
-    """``|out - reference| / |reference|`` (2-norms) over the elements where ``reference`` is finite.
+    """``|out - reference| / |reference|`` (2-norms) over the elements where ``reference`` is
+    finite; 0 when both are 0 there (a first call on zeros).
 
     Example:
         >>> round(_relative_difference(torch.tensor([0.0, 4.0, float("nan")]), torch.tensor([0.0, 5.0, float("nan")])), 3)
         0.2
+        >>> _relative_difference(torch.zeros(3), torch.zeros(3))
+        0.0
     """
     finite = reference.isfinite()
     difference = torch.where(finite, out - reference, 0).float().norm()
-    return (difference / torch.where(finite, reference, 0).float().norm()).item()
+    scale = torch.where(finite, reference, 0).float().norm().clamp_min(torch.finfo(torch.float32).tiny)
+    return (difference / scale).item()
 
 
 def tuned_configs() -> dict[tuple, GemmConfig]:
