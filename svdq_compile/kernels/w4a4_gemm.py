@@ -596,8 +596,11 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
     Triton kernel) on these arguments: for int8 it runs an instruction Triton does not emit
     itself (``int8_wgmma_256``)."""
     global _wgmma_build_error, _n256_error
+    candidates = _candidate_configs(m, group == 0, group, wgmma=_wgmma_runs(args[0].device, lora_dtype))
+    # The first candidate's output, kept only where an n256 candidate will be checked against it.
+    check_n256 = _n256_error is None and any(cfg.n256 for cfg in candidates)
     best, best_ms, reference = None, float("inf"), None
-    for cfg in _candidate_configs(m, group == 0, group, wgmma=_wgmma_runs(args[0].device, lora_dtype)):
+    for cfg in candidates:
         if cfg.wgmma and _wgmma_build_error is not None or cfg.n256 and _n256_error is not None:
             continue
         try:
@@ -616,7 +619,7 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
             warnings.warn(f"w4a4_gemm: the Gluon (wgmma) kernel did not build with Triton {triton.__version__}, so the "
                           f"Triton kernels run instead (same results, up to 11% slower on Hopper): {_wgmma_build_error}", stacklevel=2)
             continue
-        if reference is None:
+        if check_n256 and reference is None:
             reference = args[-1].clone()
         elif cfg.n256:
             # Kernels differ only in the order of the low-rank and epilogue roundings: far less.
