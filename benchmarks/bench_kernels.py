@@ -238,8 +238,8 @@ SWEEP_EXTRA = [
     gemm_module.GemmConfig(128, 128, 128, 1, 4, 4, persistent=True),
     gemm_module.GemmConfig(128, 256, 64, 1, 8, 6, wgmma=True),
     gemm_module.GemmConfig(256, 128, 64, 1, 8, 6, wgmma=True),
+    gemm_module.GemmConfig(256, 128, 64, 1, 8, 6, persistent=True, wgmma=True),
     gemm_module.GemmConfig(128, 128, 128, 1, 8, 4, wgmma=True),
-    gemm_module.GemmConfig(256, 128, 128, 1, 8, 3, wgmma=True),
 ]
 
 

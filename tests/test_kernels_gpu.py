@@ -82,22 +82,23 @@ def _wgmma_configs():
 @pytest.mark.parametrize("cfg", _wgmma_configs(), ids=lambda c: f"{c.block_m}x{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}"
                          + ("p" if c.persistent else "") + ("n256" if c.n256 else ""))
 @pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
-@pytest.mark.parametrize("m,n,k,rank,dtype,gelu", [
-    (4608, 3072, 15360, 32, torch.bfloat16, (0, 0)),
-    (4096, 12288, 3072, 32, torch.bfloat16, (1000, 12000)),  # GELU range off the tile edges
-    (1000, 1000, 3136, 0, torch.bfloat16, (0, 0)),  # odd M, N; K not a multiple of the K tile; no low-rank
-    (333, 2000, 1024, 160, torch.float16, (0, 2000)),  # three rank chunks, the last partial
+@pytest.mark.parametrize("m,n,k,rank,dtype,out_dtype,gelu", [
+    (4608, 3072, 15360, 32, torch.bfloat16, torch.bfloat16, (0, 0)),
+    (4096, 12288, 3072, 32, torch.bfloat16, torch.bfloat16, (1000, 12000)),  # GELU range off the tile edges
+    (1000, 1000, 3136, 0, torch.bfloat16, torch.bfloat16, (0, 0)),  # odd M, N; K not a multiple of the K tile; no low-rank
+    (333, 2000, 1024, 160, torch.float16, torch.float16, (0, 2000)),  # three rank chunks, the last partial
+    (777, 1500, 2048, 32, torch.bfloat16, torch.float32, (0, 700)),  # fp32 output: 4 per 16-byte store
 ], ids=str)
-def test_w4a4_gemm_wgmma(m, n, k, rank, dtype, gelu, fp8, cfg):
+def test_w4a4_gemm_wgmma(m, n, k, rank, dtype, out_dtype, gelu, fp8, cfg):
     """The Gluon kernel (one wgmma in flight), forced, against the reference; n256 configs with
     int8 run the s8 wgmma renamed in the PTX (kernels/int8_wgmma_256.py)."""
     from svdq_compile.kernels import w4a4_gemm as gk
 
     gen = torch.Generator(device="cuda").manual_seed(seed("wgmma", m, n, k, rank, fp8))
     args = gemm_inputs(m, n, k, rank, dtype, True, gen, fp8)
-    _, ref, bound = gelu_gemm_bound(args, dtype, *gelu)
-    _poison(((m, n), dtype))
-    out = gk.w4a4_gemm(*args, dtype, config=cfg, gelu_start=gelu[0], gelu_end=gelu[1])
+    _, ref, bound = gelu_gemm_bound(args, out_dtype, *gelu)
+    _poison(((m, n), out_dtype))
+    out = gk.w4a4_gemm(*args, out_dtype, config=cfg, gelu_start=gelu[0], gelu_end=gelu[1])
     bad = (out.float() - ref).abs() > bound
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside the bound, first at {bad.nonzero()[0].tolist()}"
 

@@ -31,7 +31,7 @@ for i, cfg in enumerate(configs.values()):
     for operand in ("i8", "fp8e4nv")[: 2 if i == 0 or cfg.n256 else 1]:  # fp8 once per width: the same loop
         int8_as_e4m3 = cfg.n256 and operand == "i8"
         typed = "fp8e4nv" if int8_as_e4m3 else operand
-        (a_shared, w_shared), layouts = gk._wgmma_layouts(cfg, 32, torch.bfloat16, torch.int8 if typed == "i8" else torch.float8_e4m3fn)
+        (a_shared, w_shared), layouts = gk._wgmma_layouts(cfg, 32, torch.bfloat16, torch.int8 if typed == "i8" else torch.float8_e4m3fn, torch.bfloat16)
         signature = {"a_desc": f"tensordesc<{typed}[{cfg.block_m}, {cfg.block_k}],{a_shared!r}>",
                      "w_desc": f"tensordesc<{typed}[{cfg.block_n}, {cfg.block_k}],{w_shared!r}>"}
         signature.update(sa_ptr="*fp32", sw_ptr="*fp32", la_ptr="*bf16", lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16",

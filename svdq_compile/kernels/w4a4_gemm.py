@@ -21,11 +21,13 @@
 On Hopper (sm_90), large M also has candidates whose main loop is written in Gluon, Triton's
 lower-level dialect (``wgmma`` configs): TMA loads several K tiles ahead and one wgmma kept in
 flight while the next is issued, which Triton's own pipeliner does for fp32 accumulators only.
-For int8 they win 3-11% at FLUX's large shapes on an H200; for fp8 Triton's kernels stay faster
-(KERNEL_NOTES.md, v11). Two more (``n256``) issue 256-wide wgmmas, as Triton's own fp8 loop does;
-for int8 that needs ``int8_wgmma_256`` (Triton lowers s8 wgmmas only up to N = 224), and such a
-candidate is only picked after it reproduced the first candidate's output during tuning (not yet
-run on a GPU). The autotuner picks per shape.
+Their epilogue stores 16-byte pieces through shared memory, as Triton's own kernels do. For int8
+they win 3-14% over the Triton kernels at FLUX's large shapes on an H200; for fp8 Triton's
+kernels stay faster (KERNEL_NOTES.md, v11, v14). Two more (``n256``) issue 256-wide wgmmas, as
+Triton's own fp8 loop does; for int8 that needs ``int8_wgmma_256`` (Triton lowers s8 wgmmas only
+up to N = 224), and such a candidate is only picked after it reproduced the first candidate's
+output during tuning (on an H200 it was bit-equal to the 128-wide kernel, and 1-6% faster at the
+same tile). The autotuner picks per shape.
 
 Large M may run persistent (one program per SM walking the tiles, TMA loads), optionally leaving
 a last wave that would fill at most half the SMs to a split-K launch. Small M is memory-bound on
@@ -194,6 +196,7 @@ def _w4a4_gemm_wgmma_kernel(
     ACC_DTYPE: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BLOCK_R: gl.constexpr,
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, INT8_AS_E4M3: gl.constexpr,
     ACC_LAYOUT: gl.constexpr, LORA_LAYOUT: gl.constexpr, LU_LOAD_LAYOUT: gl.constexpr, LU_SHARED_LAYOUT: gl.constexpr,
+    STORE_LAYOUT: gl.constexpr,
 ):
     """Two-level scales on Hopper: the plain kernel's computation with its main loop written in
     Gluon, so that one wgmma stays in flight while the next is issued. Triton's own pipeliner does
@@ -243,7 +246,7 @@ def _w4a4_gemm_wgmma_kernel(
             acc = acc.to(gl.int32, bitcast=True)
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                        M, N, R, gelu_start, gelu_end, HAS_BIAS, GELU, BLOCK_R, ACC_LAYOUT, LORA_LAYOUT, LU_LOAD_LAYOUT)
+                        M, N, R, gelu_start, gelu_end, HAS_BIAS, GELU, BLOCK_R, ACC_LAYOUT, LORA_LAYOUT, LU_LOAD_LAYOUT, STORE_LAYOUT)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -264,7 +267,7 @@ def _wgmma_load_step(a_desc, w_desc, a_bufs, w_bufs, ready, step, steps, k_tiles
 @gluon.jit
 def _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R, gelu_start, gelu_end,
                     HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BLOCK_R: gl.constexpr,
-                    ACC_LAYOUT: gl.constexpr, LORA_LAYOUT: gl.constexpr, LU_LOAD_LAYOUT: gl.constexpr):
+                    ACC_LAYOUT: gl.constexpr, LORA_LAYOUT: gl.constexpr, LU_LOAD_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr):
     """The Gluon kernel's ``_epilogue``: scales, + lora_act @ lora_up^T, + bias, GELU, store."""
     BLOCK_M: gl.constexpr = acc.shape[0]
     BLOCK_N: gl.constexpr = acc.shape[1]
@@ -297,8 +300,14 @@ def _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_
     if GELU:
         if (off_n < gelu_end) & (off_n + BLOCK_N > gelu_start):
             out = gl.where(((offs_n >= gelu_start) & (offs_n < gelu_end))[None, :], _gelu_tanh(out), out)
+    # Stored in 16-byte pieces along the rows, after a layout change through shared memory: from
+    # the accumulator layout each thread stores 4-byte pieces scattered over 8 rows: 9-13% slower
+    # at FLUX's K = 3072 GEMMs with the same stages (KERNEL_NOTES.md, v14).
+    out = gl.convert_layout(out.to(out_ptr.dtype.element_ty), STORE_LAYOUT)
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, STORE_LAYOUT))
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, STORE_LAYOUT))
     out_ptrs = out_ptr + offs_m.to(gl.int64)[:, None] * N + offs_n[None, :]
-    gl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    gl.store(out_ptrs, out, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @triton.jit
@@ -390,13 +399,15 @@ def _candidate_configs(m: int, two_level: bool, group_size: int, wgmma: bool = F
         GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, split_tail=True),
         GemmConfig(256, 128, 128, 1, 8, 3, persistent=True, split_tail=True),
     ] + ([
-        GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True),
-        GemmConfig(256, 128, 128, 1, 8, 4, wgmma=True),
-        GemmConfig(256, 128, 64, 1, 8, 6, wgmma=True),
-        GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, wgmma=True),
-        GemmConfig(256, 128, 128, 1, 8, 4, persistent=True, wgmma=True),
-        GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True, n256=True),
-        GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, wgmma=True, n256=True),
+        # 144 KiB of stages: 192 do not fit in the SM's 227 KiB beside the epilogue's 16 KiB of
+        # lora_up and the 32 KiB its store's layout change takes.
+        GemmConfig(128, 256, 128, 1, 8, 3, wgmma=True),
+        GemmConfig(256, 128, 128, 1, 8, 3, wgmma=True),
+        GemmConfig(128, 256, 128, 1, 8, 3, persistent=True, wgmma=True),
+        GemmConfig(256, 128, 128, 1, 8, 3, persistent=True, wgmma=True),
+        GemmConfig(128, 256, 64, 1, 8, 6, persistent=True, wgmma=True),
+        GemmConfig(128, 256, 128, 1, 8, 3, wgmma=True, n256=True),
+        GemmConfig(128, 256, 128, 1, 8, 3, persistent=True, wgmma=True, n256=True),
     ] if wgmma else [])
 
 
@@ -494,7 +505,7 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
 
 
 @functools.cache
-def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, operand_dtype: torch.dtype) -> tuple[tuple, dict]:
+def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, operand_dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[tuple, dict]:
     """The Gluon kernel's layouts for ``cfg``: the shared-memory layouts of its two TMA descriptors
     (act_q's, weight_q's) and its layout constexpr arguments. Cached: building them takes about
     70 us of Python, on every launch otherwise.
@@ -503,10 +514,11 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, opera
     128 (Triton lowers an int8 wgmma up to N = 224, and 128 divides every tile width used here),
     or 256 for ``cfg.n256``, where ``operand_dtype`` is the type the kernel is built with (e4m3 for
     int8 data, see ``int8_wgmma_256``). The 8-bit and the 16-bit wgmma share the accumulator's
-    register layout, so the epilogue's low-rank dot moves no data.
+    register layout, so the epilogue's low-rank dot moves no data. The output is stored in
+    16-byte pieces of ``out_dtype`` along the rows.
 
     Example:
-        >>> _, constexprs = _wgmma_layouts(GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True), 32, torch.bfloat16, torch.int8)
+        >>> _, constexprs = _wgmma_layouts(GemmConfig(128, 256, 128, 1, 8, 3, wgmma=True), 32, torch.bfloat16, torch.int8, torch.bfloat16)
         >>> constexprs["ACC_LAYOUT"].instr_shape
         [16, 128, 32]
     """
@@ -516,6 +528,8 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, opera
     if cfg.n256 and instr_n != 256:
         raise ValueError(f"w4a4_gemm: an n256 config needs 256 columns per column of warps, got {cfg}")
     lanes_r = block_r // 8  # 16-byte loads of lora_up along the rank
+    per_thread = 16 // out_dtype.itemsize  # 16-byte stores of the output along N
+    lanes_n = min(32, cfg.block_n // per_thread)
     operand_gl = gl.int8 if operand_dtype == torch.int8 else gl.float8e4nv
     descriptors = tuple(gl.NVMMASharedLayout.get_default_for([rows, cfg.block_k], operand_gl) for rows in (cfg.block_m, cfg.block_n))
     return descriptors, dict(
@@ -523,6 +537,7 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, opera
         LORA_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 16]),
         LU_LOAD_LAYOUT=gl.BlockedLayout([1, 8], [32 // lanes_r, lanes_r], [cfg.num_warps, 1], [1, 0]),
         LU_SHARED_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, block_r], gl.bfloat16 if lora_dtype == torch.bfloat16 else gl.float16),
+        STORE_LAYOUT=gl.BlockedLayout([1, per_thread], [32 // lanes_n, lanes_n], [cfg.num_warps, 1], [1, 0]),
     )
 
 
@@ -556,7 +571,7 @@ def _launch_wgmma(args: tuple, m: int, n: int, k: int, rank: int, has_bias: bool
     if int8_as_e4m3:  # the same bytes, typed so that the wgmma lowers 256 wide (int8_wgmma_256)
         int8_wgmma_256.install_ptx_hook()
         act_q, weight_q, acc_dtype = act_q.view(torch.float8_e4m3fn), weight_q.view(torch.float8_e4m3fn), tl.float32
-    (a_shared, w_shared), constexprs = _wgmma_layouts(cfg, block_r, lora_up.dtype, act_q.dtype)
+    (a_shared, w_shared), constexprs = _wgmma_layouts(cfg, block_r, lora_up.dtype, act_q.dtype, out.dtype)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(sm_count(act_q.device), tiles) if cfg.persistent else tiles
     kernel = _w4a4_gemm_wgmma_kernel[(programs,)](
