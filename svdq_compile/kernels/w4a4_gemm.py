@@ -21,9 +21,10 @@
 On Hopper (sm_90), large M also has candidates whose main loop is written in Gluon, Triton's
 lower-level dialect (``wgmma`` configs): TMA loads several K tiles ahead and one wgmma kept in
 flight while the next is issued, which Triton's own pipeliner does for fp32 accumulators only.
-Their epilogue stores 16-byte pieces through shared memory, as Triton's own kernels do. For int8
-they win 3-14% over the Triton kernels at FLUX's large shapes on an H200; for fp8 Triton's
-kernels stay faster (KERNEL_NOTES.md, v11, v14). Two more (``n256``) issue 256-wide wgmmas, as
+Their epilogue stores 16-bit outputs in 16-byte pieces through shared memory, as Triton's own
+kernels do. For int8 they won 3-14% over the Triton kernels at FLUX's large shapes on an H200 with
+three stages; four (lora_up's chunk reusing a stage's buffer) added 6-10%. For fp8 Triton's
+kernels were faster (KERNEL_NOTES.md, v11, v14). Two more (``n256``) issue 256-wide wgmmas, as
 Triton's own fp8 loop does; for int8 that needs ``int8_wgmma_256`` (Triton lowers s8 wgmmas only
 up to N = 224), and such a candidate is only picked after it reproduced the first candidate's
 output during tuning (on an H200 it was bit-equal to the 128-wide kernel, and 1-6% faster at the
@@ -59,6 +60,8 @@ from .int8_wgmma_256 import mark_int8_as_e4m3
 
 # Gluon's TMA load was renamed after Triton 3.6 (the GPU machine's version; CI has a newer one).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# So was shared memory's reinterpret (``_reinterpret`` in 3.6).
+_REINTERPRET_PUBLIC = tl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -205,7 +208,8 @@ def _w4a4_gemm_wgmma_kernel(
     Program p does output tiles p, p + num_programs, ... (num_programs = the tile count: one tile
     each). Its (tile, K tile) steps form one sequence, and TMA loads run STAGES - 1 steps ahead in
     it (zero-filled past M, N and K), so the next tile's first loads are in flight during a tile's
-    epilogue. The epilogue's low-rank dot is one more (synchronous) wgmma, in bf16/fp16.
+    epilogue. The epilogue's low-rank dot is one more (synchronous) wgmma, in bf16/fp16, with
+    lora_up's chunk in the weight buffer of the tile's last K step.
 
     INT8_AS_E4M3: int8 operands typed as e4m3 and an f32 accumulator, so that the wgmma can be
     256 wide; the PTX hook of ``int8_wgmma_256`` renames it to s8, and the int32 sums are bit-cast
@@ -225,7 +229,12 @@ def _w4a4_gemm_wgmma_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-    lu_smem = gl.allocate_shared_memory(lu_ptr.dtype.element_ty, [BLOCK_N, BLOCK_R], LU_SHARED_LAYOUT)
+    # lora_up's chunk for the epilogue's low-rank wgmma goes into the weight buffer of the stage
+    # the tile's last K step used, which no load refills before the next tile's first step: a
+    # buffer of its own would leave no room for the fourth stage (KERNEL_NOTES.md, v14).
+    LU_IN_STAGE: gl.constexpr = BLOCK_K * w_desc.dtype.primitive_bitwidth >= BLOCK_R * lu_ptr.dtype.element_ty.primitive_bitwidth
+    if not LU_IN_STAGE:
+        lu_own = gl.allocate_shared_memory(lu_ptr.dtype.element_ty, [BLOCK_N, BLOCK_R], LU_SHARED_LAYOUT)
     for i in gl.static_range(STAGES - 1):
         _wgmma_load_step(a_desc, w_desc, a_bufs, w_bufs, ready, i, steps, k_tiles, num_pid_m, num_pid_n, num_programs, GROUP_M, STAGES)
 
@@ -244,6 +253,14 @@ def _w4a4_gemm_wgmma_kernel(
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if INT8_AS_E4M3:
             acc = acc.to(gl.int32, bitcast=True)
+        if LU_IN_STAGE:
+            last_w = w_bufs.index((step - 1) % STAGES)
+            if _REINTERPRET_PUBLIC:
+                lu_smem = last_w.reinterpret(lu_ptr.dtype.element_ty, [BLOCK_N, BLOCK_R], LU_SHARED_LAYOUT)
+            else:
+                lu_smem = last_w._reinterpret(lu_ptr.dtype.element_ty, [BLOCK_N, BLOCK_R], LU_SHARED_LAYOUT)
+        else:
+            lu_smem = lu_own
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
                         M, N, R, gelu_start, gelu_end, HAS_BIAS, GELU, BLOCK_R, ACC_LAYOUT, LORA_LAYOUT, LU_LOAD_LAYOUT, STORE_LAYOUT)
@@ -300,9 +317,9 @@ def _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_
     if GELU:
         if (off_n < gelu_end) & (off_n + BLOCK_N > gelu_start):
             out = gl.where(((offs_n >= gelu_start) & (offs_n < gelu_end))[None, :], _gelu_tanh(out), out)
-    # Stored in 16-byte pieces along the rows, after a layout change through shared memory: from
-    # the accumulator layout each thread stores 4-byte pieces scattered over 8 rows: 9-13% slower
-    # at FLUX's K = 3072 GEMMs with the same stages (KERNEL_NOTES.md, v14).
+    # 16-bit outputs: stored in 16-byte pieces along the rows, after a layout change through
+    # shared memory. From the accumulator layout each thread stores 4-byte pieces scattered over
+    # 8 rows: 9-13% slower at FLUX's K = 3072 GEMMs with the same stages (KERNEL_NOTES.md, v14).
     out = gl.convert_layout(out.to(out_ptr.dtype.element_ty), STORE_LAYOUT)
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, STORE_LAYOUT))
     offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, STORE_LAYOUT))
@@ -399,15 +416,14 @@ def _candidate_configs(m: int, two_level: bool, group_size: int, wgmma: bool = F
         GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, split_tail=True),
         GemmConfig(256, 128, 128, 1, 8, 3, persistent=True, split_tail=True),
     ] + ([
-        # 144 KiB of stages: 192 do not fit in the SM's 227 KiB beside the epilogue's 16 KiB of
-        # lora_up and the 32 KiB its store's layout change takes.
-        GemmConfig(128, 256, 128, 1, 8, 3, wgmma=True),
-        GemmConfig(256, 128, 128, 1, 8, 3, wgmma=True),
-        GemmConfig(128, 256, 128, 1, 8, 3, persistent=True, wgmma=True),
-        GemmConfig(256, 128, 128, 1, 8, 3, persistent=True, wgmma=True),
+        # Four 48 KiB stages and the 32 KiB the epilogue's store takes fill the SM's 227 KiB.
+        GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True),
+        GemmConfig(256, 128, 128, 1, 8, 4, wgmma=True),
+        GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, wgmma=True),
+        GemmConfig(256, 128, 128, 1, 8, 4, persistent=True, wgmma=True),
         GemmConfig(128, 256, 64, 1, 8, 6, persistent=True, wgmma=True),
-        GemmConfig(128, 256, 128, 1, 8, 3, wgmma=True, n256=True),
-        GemmConfig(128, 256, 128, 1, 8, 3, persistent=True, wgmma=True, n256=True),
+        GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True, n256=True),
+        GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, wgmma=True, n256=True),
     ] if wgmma else [])
 
 
@@ -514,8 +530,8 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, opera
     128 (Triton lowers an int8 wgmma up to N = 224, and 128 divides every tile width used here),
     or 256 for ``cfg.n256``, where ``operand_dtype`` is the type the kernel is built with (e4m3 for
     int8 data, see ``int8_wgmma_256``). The 8-bit and the 16-bit wgmma share the accumulator's
-    register layout, so the epilogue's low-rank dot moves no data. The output is stored in
-    16-byte pieces of ``out_dtype`` along the rows.
+    register layout, so the epilogue's low-rank dot moves no data. A 16-bit ``out_dtype`` is
+    stored in 16-byte pieces along the rows.
 
     Example:
         >>> _, constexprs = _wgmma_layouts(GemmConfig(128, 256, 128, 1, 8, 3, wgmma=True), 32, torch.bfloat16, torch.int8, torch.bfloat16)
@@ -528,16 +544,23 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, opera
     if cfg.n256 and instr_n != 256:
         raise ValueError(f"w4a4_gemm: an n256 config needs 256 columns per column of warps, got {cfg}")
     lanes_r = block_r // 8  # 16-byte loads of lora_up along the rank
-    per_thread = 16 // out_dtype.itemsize  # 16-byte stores of the output along N
-    lanes_n = min(32, cfg.block_n // per_thread)
     operand_gl = gl.int8 if operand_dtype == torch.int8 else gl.float8e4nv
+    acc_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 32])
+    if out_dtype.itemsize == 4:
+        # Stored from the accumulator layout (8-byte pieces already): the layout change would
+        # take 64 KiB of shared memory, which four stages leave no room for.
+        store_layout = acc_layout
+    else:
+        per_thread = 16 // out_dtype.itemsize  # 16-byte stores along N
+        lanes_n = min(32, cfg.block_n // per_thread)
+        store_layout = gl.BlockedLayout([1, per_thread], [32 // lanes_n, lanes_n], [cfg.num_warps, 1], [1, 0])
     descriptors = tuple(gl.NVMMASharedLayout.get_default_for([rows, cfg.block_k], operand_gl) for rows in (cfg.block_m, cfg.block_n))
     return descriptors, dict(
-        ACC_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 32]),
+        ACC_LAYOUT=acc_layout,
         LORA_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 16]),
         LU_LOAD_LAYOUT=gl.BlockedLayout([1, 8], [32 // lanes_r, lanes_r], [cfg.num_warps, 1], [1, 0]),
         LU_SHARED_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, block_r], gl.bfloat16 if lora_dtype == torch.bfloat16 else gl.float16),
-        STORE_LAYOUT=gl.BlockedLayout([1, per_thread], [32 // lanes_n, lanes_n], [cfg.num_warps, 1], [1, 0]),
+        STORE_LAYOUT=store_layout,
     )
 
 
