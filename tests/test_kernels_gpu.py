@@ -87,7 +87,7 @@ def _wgmma_configs():
     (4096, 12288, 3072, 32, torch.bfloat16, torch.bfloat16, (1000, 12000)),  # GELU range off the tile edges
     (1000, 1000, 3136, 0, torch.bfloat16, torch.bfloat16, (0, 0)),  # odd M, N; K not a multiple of the K tile; no low-rank
     (333, 2000, 1024, 160, torch.float16, torch.float16, (0, 2000)),  # three rank chunks, the last partial
-    (777, 1500, 2048, 32, torch.bfloat16, torch.float32, (0, 700)),  # fp32 output: 4 per 16-byte store
+    (777, 1500, 2048, 32, torch.bfloat16, torch.float32, (0, 700)),  # fp32 output, stored from the accumulator layout
 ], ids=str)
 def test_w4a4_gemm_wgmma(m, n, k, rank, dtype, out_dtype, gelu, fp8, cfg):
     """The Gluon kernel (one wgmma in flight), forced, against the reference; n256 configs with

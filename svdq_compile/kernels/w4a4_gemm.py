@@ -320,6 +320,7 @@ def _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_
     # 16-bit outputs: stored in 16-byte pieces along the rows, after a layout change through
     # shared memory. From the accumulator layout each thread stores 4-byte pieces scattered over
     # 8 rows: 9-13% slower at FLUX's K = 3072 GEMMs with the same stages (KERNEL_NOTES.md, v14).
+    # (A 4-byte output's STORE_LAYOUT is the accumulator's: no change.)
     out = gl.convert_layout(out.to(out_ptr.dtype.element_ty), STORE_LAYOUT)
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, STORE_LAYOUT))
     offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, STORE_LAYOUT))
@@ -416,7 +417,8 @@ def _candidate_configs(m: int, two_level: bool, group_size: int, wgmma: bool = F
         GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, split_tail=True),
         GemmConfig(256, 128, 128, 1, 8, 3, persistent=True, split_tail=True),
     ] + ([
-        # Four 48 KiB stages and the 32 KiB the epilogue's store takes fill the SM's 227 KiB.
+        # Four 48 KiB stages and the 32 KiB the epilogue's store takes fill the SM's 227 KiB
+        # (lora_up's chunk goes into a stage's buffer: LU_IN_STAGE).
         GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True),
         GemmConfig(256, 128, 128, 1, 8, 4, wgmma=True),
         GemmConfig(128, 256, 128, 1, 8, 4, persistent=True, wgmma=True),
@@ -534,7 +536,7 @@ def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, opera
     stored in 16-byte pieces along the rows.
 
     Example:
-        >>> _, constexprs = _wgmma_layouts(GemmConfig(128, 256, 128, 1, 8, 3, wgmma=True), 32, torch.bfloat16, torch.int8, torch.bfloat16)
+        >>> _, constexprs = _wgmma_layouts(GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True), 32, torch.bfloat16, torch.int8, torch.bfloat16)
         >>> constexprs["ACC_LAYOUT"].instr_shape
         [16, 128, 32]
     """
