@@ -7,9 +7,10 @@ exponent nibble for a packed "int4_pow2" operand (float8_e4m3fn, which holds tho
 
 Why a separate pass instead of unpacking in the GEMM's main loop: on Hopper the int8 tensor-core
 loop runs at ~1000-1170 TOPS on int8 operands but 340-620 TOPS when it unpacks nibbles itself
-(REFERENCE.md section 2). Expanding one layer's weight just before its GEMM into a short-lived
-buffer costs one read of the packed bytes and one 8-bit write (about 1.5 bytes per weight), while
-the weights rest in memory at 4 bits.
+(REFERENCE.md section 2), and our own unpacking GEMMs reached at most 81% of the speed of
+expanding first (KERNEL_NOTES.md v15, v16). Expanding one layer's weight just before its GEMM
+into a short-lived buffer costs one read of the packed bytes and one 8-bit write (about 1.5 bytes
+per weight), while the weights rest in memory at 4 bits.
 """
 
 from __future__ import annotations
@@ -31,24 +32,41 @@ def _unpack_weight_kernel(
     offs_b = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     mask_n = offs_n < N
     rows = offs_n.to(tl.int64)[:, None] * PACKED_COLS
-    byte = tl.load(packed_ptr + rows + offs_b[None, :], mask=mask_n[:, None] & (offs_b < K // 2)[None, :], other=0).to(tl.int32)
-    low = ((byte & 0xF) ^ 8) - 8  # sign-extend each nibble
-    high = ((byte >> 4) ^ 8) - 8
-    values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # element 2j is the low nibble of byte j
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = mask_n[:, None] & (offs_k < K)[None, :]
-    if TWO_LEVEL:
-        offs_g = tl.program_id(1) * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
-        mask_g = mask_n[:, None] & (offs_g < K // GROUP)[None, :]
-        if POW2:  # group g's exponent: nibble g % 2 of byte g // 2
-            byte = tl.load(packed_ptr + rows + K // 2 + offs_g[None, :] // 2, mask=mask_g, other=0).to(tl.int32)
-            mult = 1 << ((byte >> (4 * (offs_g % 2))[None, :]) & 0xF)
-        else:
-            mult = tl.load(packed_ptr + rows + K // 2 + offs_g[None, :], mask=mask_g, other=0).to(tl.int32)
+    byte = tl.load(packed_ptr + rows + offs_b[None, :], mask=mask_n[:, None] & (offs_b < K // 2)[None, :], other=0)
+    offs_g = tl.program_id(1) * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
+    mask_g = mask_n[:, None] & (offs_g < K // GROUP)[None, :]
+    if POW2:
+        byte = byte.to(tl.int32)
+        low = ((byte & 0xF) ^ 8) - 8  # sign-extend each nibble
+        high = ((byte >> 4) ^ 8) - 8
+        values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # element 2j is the low nibble of byte j
+        # group g's exponent: nibble g % 2 of byte g // 2
+        exponent = tl.load(packed_ptr + rows + K // 2 + offs_g[None, :] // 2, mask=mask_g, other=0).to(tl.int32)
+        mult = 1 << ((exponent >> (4 * (offs_g % 2))[None, :]) & 0xF)
         values = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * mult[:, :, None], (BLOCK_N, BLOCK_K))
-        if POW2:  # through fp32, where q * 2^e is exact, to e4m3, which holds it exactly too
-            values = values.to(tl.float32)
-    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
+        # through fp32, where q * 2^e is exact, to e4m3, which holds it exactly too
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], values.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Four int8 values per 32-bit word, byte-parallel: two packed bytes [b0, b1] spread to one
+        # nibble per byte, [lo b0, hi b0, lo b1, hi b1] (the output order), in offset binary q + 8
+        # (0..15). One multiply-add per word then gives (q + 8) m + 128 - 8 m = q m + 128 in every
+        # byte: at most 240 for multipliers m in 1..16 (split_2level's range), so no carry crosses
+        # bytes; flipping bit 7 makes it the signed byte q m. out_ptr is the int8 output viewed as
+        # int32 words. 12-19% faster than value by value at FLUX's weights (KERNEL_NOTES.md v16).
+        pairs = tl.split(tl.reshape(byte, (BLOCK_N, BLOCK_K // 4, 2)))
+        spread = pairs[0].to(tl.uint32) | (pairs[1].to(tl.uint32) << 16)
+        nibbles = ((spread | (spread << 4)) & 0x0F0F0F0F) ^ 0x08080808
+        if TWO_LEVEL:
+            mult = tl.load(packed_ptr + rows + K // 2 + offs_g[None, :], mask=mask_g, other=0).to(tl.uint32)
+            mult = tl.reshape(tl.broadcast_to(mult[:, :, None], (BLOCK_N, BLOCK_K // GROUP, GROUP // 4)), (BLOCK_N, BLOCK_K // 4))
+        else:
+            mult = 1
+        words = (nibbles * mult + (128 - 8 * mult) * 0x01010101) ^ 0x80808080
+        offs_w = tl.program_id(1) * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
+        mask = mask_n[:, None] & (offs_w < K // 4)[None, :]
+        tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * (K // 4) + offs_w[None, :], words.to(tl.int32, bitcast=True), mask=mask)
 
 
 def unpack_weight(packed: Tensor, k: int, group_size: int, two_level: bool) -> Tensor:
@@ -78,10 +96,12 @@ def unpack_weight(packed: Tensor, k: int, group_size: int, two_level: bool) -> T
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn if pow2 else torch.int8, device=packed.device)
     if n == 0 or k == 0:
         return out
-    block_k = max(256, group_size)
+    # 16 x 512 was among the fastest word-parallel shapes at FLUX's weights on an H200
+    # (KERNEL_NOTES.md v16); the int4_pow2 path keeps the 16 x 256 it was measured with.
+    block_k = max(256 if pow2 else 512, group_size)
     block_n = 16
     _unpack_weight_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        packed.contiguous(), out, n, k, packed.shape[1],
+        packed.contiguous(), out if pow2 else out.view(torch.int32), n, k, packed.shape[1],
         GROUP=group_size, TWO_LEVEL=two_level, POW2=pow2, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
     return out
