@@ -71,7 +71,7 @@ class SVDQuantConfig:
         packed_weights: keep quantized weights in GPU memory at 4 bits (0.27x the bytes of bf16)
             and expand each to the GEMM's 8-bit operand just before its GEMM, instead of keeping
             the 8-bit operand (0.5x): less memory, and a FLUX-sized forward about 6% slower on
-            an H200 (benchmarks/RESULTS.md, run 20). Applies when a weight is first quantized in
+            an H200 (benchmarks/RESULTS.md, runs 20 and 21). Applies when a weight is first quantized in
             the process.
             With "int4_pow2", layers with a single group per row (``in_features == group_size``)
             keep their 8-bit operand (their packed form could not be told from "int4_2level"'s).
