@@ -18,7 +18,9 @@ Paths:
   low-rank matmuls, add, bias.
 * svdq fused: ``quantize_act_lowrank_down`` + ``w4a4_gemm``, two-level scales, int8 weights in memory.
 * svdq pow2: the same in the "int4_pow2" format (power-of-two multipliers, fp8 operands and tensor cores).
-* svdq packed: the same with 4-bit packed weights in memory, expanded by ``unpack_weight`` first.
+* svdq packed: the same with 4-bit packed weights in memory, as the op runs them
+  (``ops.gemm_weight_operand``): expanded in the GEMM's K loop up to ``PACKED_GEMM_MAX_M`` tokens,
+  by ``unpack_weight`` first above.
 * gemm only: ``w4a4_gemm`` alone (two-level, low-rank epilogue and bias), on pre-quantized input;
   gemm only pow2: the same with fp8 operands.
 * groups fused: the fused path with float group scales ("int4" format).
@@ -43,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from svdq_compile import numerics  # noqa: E402
 from svdq_compile.kernels import w4a4_gemm as gemm_module  # noqa: E402
 from svdq_compile.kernels.quantize_act_lowrank_down import quantize_act_lowrank_down  # noqa: E402
-from svdq_compile.kernels.unpack_weight import unpack_weight  # noqa: E402
+from svdq_compile.ops import gemm_weight_operand  # noqa: E402
 from svdq_compile.kernels.w4a4_gemm import w4a4_gemm, w4a4_gemm_reference  # noqa: E402
 
 M_VALUES = [1, 77, 256, 4096, 4608]
@@ -139,7 +141,7 @@ def make_paths(m: int, layer: dict, x: torch.Tensor) -> dict:
             if pow2:
                 wq, ws = layer["wq_pow2"], layer["ws_pow2"]
             if packed:
-                wq = unpack_weight(layer["wq2_packed"], x.shape[1], GROUP, True)
+                wq = gemm_weight_operand(layer["wq2_packed"], m, x.shape[1], GROUP, True)
             return w4a4_gemm(a_q, a_s, wq, ws, la, layer["lora_up"], layer["bias"], torch.bfloat16)
         return run
 

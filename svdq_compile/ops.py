@@ -17,6 +17,12 @@ from torch import Tensor
 from .numerics import packed_pow2, packed_weight_columns, w4a4_linear_reference
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Up to this many tokens a packed "int4_2level" weight goes to the GEMM as it is, expanded in its K
+# loop: reading 0.52 bytes per weight instead of unpack_weight's 1.5 and the GEMM's 1 (FLUX's
+# adaLN projections have M = 1). On an H200 that took 0.30-0.93x the time of unpack_weight + GEMM
+# at M = 1-64 and FLUX's weight shapes, but up to 1.9x at M >= 256, where the expansion's
+# instructions hold up the tensor cores (KERNEL_NOTES.md v16).
+PACKED_GEMM_MAX_M = 64
 
 
 def check_w4a4_args(
@@ -208,14 +214,31 @@ def _w4a4_linear_cuda(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up
         return w4a4_linear_reference(x, weight_q, weight_scales, smooth_inv, lora_down, lora_up, bias, group_size, x_tail, gelu_start, gelu_end)
     # Imported here so that importing the package does not compile or decorate Triton kernels.
     from .kernels.quantize_act_lowrank_down import quantize_act_lowrank_down
-    from .kernels.unpack_weight import unpack_weight
     from .kernels.w4a4_gemm import w4a4_gemm
 
     # reshape keeps a view where it can (a column slice of a larger output stays in place).
     x2d = x.reshape(-1, x.shape[-1])
     tail2d = None if x_tail is None else x_tail.reshape(-1, x_tail.shape[-1])
     act_q, act_scales, lora_act = quantize_act_lowrank_down(x2d, smooth_inv, lora_down, group_size, two_level, x_tail=tail2d, fp8=fp8)
-    if weight_q.dtype == torch.uint8:  # packed 4-bit weights: expand into a buffer that lives for this call
-        weight_q = unpack_weight(weight_q, k, group_size, two_level)
+    weight_q = gemm_weight_operand(weight_q, x2d.shape[0], k, group_size, two_level)
     out = w4a4_gemm(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, x.dtype, gelu_start=gelu_start, gelu_end=gelu_end)
-    return out.reshape(*x.shape[:-1], weight_q.shape[0])
+    return out.reshape(*x.shape[:-1], out.shape[1])
+
+
+def gemm_weight_operand(weight_q: Tensor, m: int, k: int, group_size: int, two_level: bool) -> Tensor:
+    """The weight operand ``w4a4_gemm`` takes for M tokens: an 8-bit operand as it is; a packed
+    "int4_2level" weight as it is up to ``PACKED_GEMM_MAX_M`` tokens (the GEMM expands its tiles
+    as it loads them: at small M it waits on reading the weight); any other packed weight expanded
+    by ``unpack_weight`` into a buffer that lives for this call.
+
+    Example:
+        >>> from svdq_compile.numerics import pack_weight_operand
+        >>> packed = pack_weight_operand(torch.full((8, 64), 3, dtype=torch.int8), 64, True)
+        >>> gemm_weight_operand(packed, 1, 64, 64, True).dtype, gemm_weight_operand(packed, 4096, 64, 64, True).dtype
+        (torch.uint8, torch.int8)
+    """
+    if weight_q.dtype != torch.uint8 or (two_level and m <= PACKED_GEMM_MAX_M and not packed_pow2(weight_q.shape[1], k, group_size)):
+        return weight_q
+    from .kernels.unpack_weight import unpack_weight
+
+    return unpack_weight(weight_q, k, group_size, two_level)

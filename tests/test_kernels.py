@@ -261,6 +261,52 @@ def test_w4a4_gemm_tile_configs(config, fp8):
 
 
 @pytest.mark.parametrize(
+    "config", [gk.GemmConfig(16, 32, 128, 1, 4, 2), gk.GemmConfig(16, 32, 256, 2, 4, 2), gk.GemmConfig(32, 16, 64, 4, 4, 2, group_m=2)],
+    ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}",
+)
+@pytest.mark.parametrize("m,n,k,group", [(1, 83, 64 * 5, 64), (45, 40, 32 * 12, 32), (7, 24, 128 * 3, 128), (3, 33, 256 * 2, 256)])
+def test_w4a4_gemm_on_packed_weights(config, m, n, k, group):
+    """A packed "int4_2level" weight, expanded tile by tile in the K loop, gives exactly what the
+    same config gives on the 8-bit operand: every nibble -8..7 and multiplier 1..16, groups of 32 to
+    256 (a 64-wide K tile grows to hold a whole group), masked K tails, split-K; the reference
+    takes the packed weight too."""
+    gen = torch.Generator().manual_seed(seed(config.block_k, config.split_k, m, group))
+    act_q, act_scales, _, weight_scales, lora_act, lora_up, bias = gemm_inputs(m, n, k, 32, torch.bfloat16, True, gen)
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    mult = torch.randint(1, 17, (n, k // group), generator=gen, dtype=torch.uint8)
+    weight_q = numerics.expand_2level(q, mult, group)
+    packed = numerics.pack_weight_operand(weight_q, group, True)
+    args = (act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias)
+    packed_args = (act_q, act_scales, packed, weight_scales, lora_act, lora_up, bias)
+    for _ in range(2):  # the second launch checks that split-K left its workspace clean
+        out = gk.w4a4_gemm(*packed_args, torch.bfloat16, config=config)
+        assert torch.equal(out, gk.w4a4_gemm(*args, torch.bfloat16, config=config))
+    ref, bound = gemm_bound(args, torch.bfloat16)
+    assert ((out.float() - ref).abs() <= bound).all()
+    assert torch.equal(gk.w4a4_gemm_reference(*packed_args, torch.bfloat16), gk.w4a4_gemm_reference(*args, torch.bfloat16))
+
+
+def test_w4a4_gemm_refuses_packed_weights_it_cannot_take():
+    """A uint8 weight that is not "int4_2level" rows (wrong width, float group scales) and configs
+    of the kernels that read 8-bit tiles through TMA are refused with what to do; the tuner never
+    offers those configs for a packed weight."""
+    gen = torch.Generator().manual_seed(9)
+    act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias = gemm_inputs(5, 24, 64 * 3, 16, torch.bfloat16, True, gen)
+    packed = numerics.pack_weight_operand(weight_q, 64, True)
+    with pytest.raises(ValueError, match="int4_2level.*unpack_weight"):
+        gk.w4a4_gemm(act_q, act_scales, packed[:, :-1], weight_scales, lora_act, lora_up, bias, torch.bfloat16)
+    groups = gemm_inputs(5, 24, 64 * 3, 16, torch.bfloat16, False, gen)
+    with pytest.raises(ValueError, match="two-level scales"):
+        gk.w4a4_gemm(groups[0], groups[1], numerics.pack_weight_operand(groups[2], 64, False), *groups[3:], torch.bfloat16)
+    with pytest.raises(ValueError, match="plain kernel"):
+        gk.w4a4_gemm(act_q, act_scales, packed, weight_scales, lora_act, lora_up, bias, torch.bfloat16,
+                      config=gk.GemmConfig(16, 32, 128, 1, 4, 2, persistent=True))
+    for m in (1, 64, 256, 4096):
+        candidates = gk._candidate_configs(m, True, 0, packed_group=64, wgmma=True)
+        assert candidates and not any(cfg.persistent or cfg.wgmma for cfg in candidates)
+
+
+@pytest.mark.parametrize(
     "tiles,programs,k_tiles,expected",
     [(432, 132, 120, (396, 3)), (432, 132, 2, (396, 2)), (384, 132, 96, (384, 1)), (264, 132, 24, (264, 1)),
      (133, 132, 24, (132, 8)), (100, 100, 24, (100, 1))],
@@ -305,7 +351,7 @@ def test_a_gluon_kernel_that_does_not_build_leaves_the_triton_kernels(monkeypatc
     out = torch.empty(300, 40, dtype=torch.bfloat16)
     full_args = (*args[:6], args[6], out)
     with pytest.warns(UserWarning, match="Gluon .* did not build"):
-        chosen = gk._tune(full_args, ("test",), 300, 40, 128, 16, 0, True, (0, 0), torch.bfloat16)
+        chosen = gk._tune(full_args, ("test",), 300, 40, 128, 16, 0, 0, True, (0, 0), torch.bfloat16)
     assert chosen.persistent and not chosen.wgmma
     assert [cfg.wgmma for cfg in launched].count(True) == 1  # the first Gluon candidate only
     assert "PassManager" in gk._wgmma_build_error
@@ -338,12 +384,12 @@ def test_a_256_wide_candidate_is_picked_only_if_it_reproduces_the_first(n256_sca
     out = torch.empty(300, 40, dtype=torch.bfloat16)
     if n256_scale > 1.1:
         with pytest.warns(UserWarning, match="256-wide wgmma kernel gave other results"):
-            chosen = gk._tune((*args, out), ("test",), 300, 40, 128, 16, 0, True, (0, 0), torch.float32)
+            chosen = gk._tune((*args, out), ("test",), 300, 40, 128, 16, 0, 0, True, (0, 0), torch.float32)
         assert chosen.persistent and not chosen.n256
         assert [cfg.n256 for cfg in launched].count(True) == 1  # the second n256 candidate is not tried
         assert "0.5" in gk._n256_error
     else:
-        chosen = gk._tune((*args, out), ("test",), 300, 40, 128, 16, 0, True, (0, 0), torch.float32)
+        chosen = gk._tune((*args, out), ("test",), 300, 40, 128, 16, 0, 0, True, (0, 0), torch.float32)
         assert chosen.n256 and gk._n256_error is None
 
 

@@ -251,6 +251,21 @@ def test_custom_op_two_pieces_and_gelu_on_cuda(m, two_level):
 
 
 @pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
+@pytest.mark.parametrize("m", [1, 64])
+def test_w4a4_gemm_packed_weights_flux_shapes(m, n, k):
+    """The GEMM on a packed "int4_2level" weight (expanded in its K loop) gives exactly what every
+    candidate config gives on the 8-bit operand, at FLUX's shapes and the op's M range."""
+    from svdq_compile.kernels import w4a4_gemm as gk
+
+    gen = torch.Generator(device="cuda").manual_seed(seed("packed gemm", m, n, k))
+    args = gemm_inputs(m, n, k, 32, torch.bfloat16, True, gen)
+    packed = numerics.pack_weight_operand(args[2], 64, True)
+    for cfg in gk._candidate_configs(m, True, 0, packed_group=64):
+        out = gk.w4a4_gemm(args[0], args[1], packed, *args[3:], torch.bfloat16, config=cfg)
+        assert torch.equal(out, gk.w4a4_gemm(*args, torch.bfloat16, config=cfg)), cfg
+
+
+@pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
 @pytest.mark.parametrize("two_level,fp8", **FORMAT_CASES)
 def test_unpack_weight_flux_shapes(two_level, fp8, n, k):
     from svdq_compile.kernels.unpack_weight import unpack_weight

@@ -10,7 +10,9 @@ loop runs at ~1000-1170 TOPS on int8 operands but 340-620 TOPS when it unpacks n
 (REFERENCE.md section 2), and our own unpacking GEMMs reached at most 81% of the speed of
 expanding first (KERNEL_NOTES.md v15, v16). Expanding one layer's weight just before its GEMM
 into a short-lived buffer costs one read of the packed bytes and one 8-bit write (about 1.5 bytes
-per weight), while the weights rest in memory at 4 bits.
+per weight), while the weights rest in memory at 4 bits. Small M is the exception: there the GEMM
+waits on reading the weight, not on its tensor cores, and ``w4a4_gemm`` expands a packed
+"int4_2level" weight's tiles itself (``expand_int4_tile``; ``ops.gemm_weight_operand`` chooses).
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ import triton.language as tl
 from torch import Tensor
 
 from ..numerics import packed_pow2, packed_weight_columns, unpack_weight_operand
+
+
+@triton.jit
+def expand_int4_tile(byte, mult, GROUP: tl.constexpr):
+    """Packed bytes [BN, BK / 2] (element 2j in the low nibble of byte j) times each group's
+    multiplier [BN, BK / GROUP]: the int32 values ``q * m`` [BN, BK], value by value. For the tiles
+    a kernel keeps in registers (the small-M GEMM on packed weights, the "int4_pow2" expansion).
+
+    Example (in a kernel): ``w = expand_int4_tile(tl.load(nibble_ptrs), tl.load(mult_ptrs), 64).to(tl.int8)``
+    """
+    BLOCK_N: tl.constexpr = byte.shape[0]
+    BLOCK_K: tl.constexpr = 2 * byte.shape[1]
+    byte = byte.to(tl.int32)
+    low = ((byte & 0xF) ^ 8) - 8  # sign-extend each nibble
+    high = ((byte >> 4) ^ 8) - 8
+    values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+    return tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * mult[:, :, None], (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -36,14 +55,9 @@ def _unpack_weight_kernel(
     offs_g = tl.program_id(1) * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
     mask_g = mask_n[:, None] & (offs_g < K // GROUP)[None, :]
     if POW2:
-        byte = byte.to(tl.int32)
-        low = ((byte & 0xF) ^ 8) - 8  # sign-extend each nibble
-        high = ((byte >> 4) ^ 8) - 8
-        values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # element 2j is the low nibble of byte j
         # group g's exponent: nibble g % 2 of byte g // 2
         exponent = tl.load(packed_ptr + rows + K // 2 + offs_g[None, :] // 2, mask=mask_g, other=0).to(tl.int32)
-        mult = 1 << ((exponent >> (4 * (offs_g % 2))[None, :]) & 0xF)
-        values = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * mult[:, :, None], (BLOCK_N, BLOCK_K))
+        values = expand_int4_tile(byte, 1 << ((exponent >> (4 * (offs_g % 2))[None, :]) & 0xF), GROUP)
         # through fp32, where q * 2^e is exact, to e4m3, which holds it exactly too
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = mask_n[:, None] & (offs_k < K)[None, :]

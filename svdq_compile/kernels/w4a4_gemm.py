@@ -54,9 +54,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from ..numerics import apply_gelu_columns
+from ..numerics import apply_gelu_columns, packed_weight_columns, unpack_weight_operand
 from . import int8_wgmma_256, sm_count
 from .int8_wgmma_256 import mark_int8_as_e4m3
+from .unpack_weight import expand_int4_tile
 
 # Gluon's TMA load was renamed after Triton 3.6 (the GPU machine's version; CI has a newer one).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -79,12 +80,16 @@ def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _w4a4_gemm_kernel(
     a_ptr, sa_ptr, w_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
-    M, N, K, R, gelu_start, gelu_end, first_tile,
+    M, N, K, R, gelu_start, gelu_end, first_tile, W_COLS,
     TWO_LEVEL: tl.constexpr, ACC_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr,
     LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PACKED: tl.constexpr,
 ):
+    # PACKED (two-level, int8): w_ptr holds pack_weight_operand's "int4_2level" rows, W_COLS bytes
+    # each (K / 2 of nibbles, then one multiplier per GROUP values), expanded tile by tile in the K
+    # loop. Meant for small M, where the GEMM waits on reading the weight: it reads 0.52 bytes per
+    # weight instead of unpack_weight's 1.5 plus the GEMM's 1.
     # Output tile first_tile + pid (a persistent launch may have done the tiles before it); its
     # split-K partial sums and counter are the pid-th of the workspace.
     pid = tl.program_id(0)
@@ -102,21 +107,39 @@ def _w4a4_gemm_kernel(
     k_tile_start = tl.program_id(1) * tiles_per_split
     k_tile_end = min(k_tile_start + tiles_per_split, k_tiles)
     a_ptrs = a_ptr + rows_a[:, None] * K + (k_tile_start * BLOCK_K + offs_k)[None, :]
-    w_ptrs = w_ptr + rows_w[:, None] * K + (k_tile_start * BLOCK_K + offs_k)[None, :]
+    if PACKED:
+        offs_b = tl.arange(0, BLOCK_K // 2)
+        offs_g = tl.arange(0, BLOCK_K // GROUP)
+        w_ptrs = w_ptr + rows_w[:, None] * W_COLS + (k_tile_start * (BLOCK_K // 2) + offs_b)[None, :]
+        mult_ptrs = w_ptr + rows_w[:, None] * W_COLS + K // 2 + (k_tile_start * (BLOCK_K // GROUP) + offs_g)[None, :]
+    else:
+        w_ptrs = w_ptr + rows_w[:, None] * W_COLS + (k_tile_start * BLOCK_K + offs_k)[None, :]
 
     if TWO_LEVEL:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for kt in range(k_tile_start, k_tile_end):
             if EVEN_K:
                 a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
+                if PACKED:
+                    w = expand_int4_tile(tl.load(w_ptrs), tl.load(mult_ptrs), GROUP).to(tl.int8)
+                else:
+                    w = tl.load(w_ptrs)
             else:
                 k_ok = (kt * BLOCK_K + offs_k) < K
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+                if PACKED:  # a partial tile holds whole groups: K is a multiple of GROUP
+                    nibbles = tl.load(w_ptrs, mask=((kt * (BLOCK_K // 2) + offs_b) < K // 2)[None, :], other=0)
+                    mult = tl.load(mult_ptrs, mask=((kt * (BLOCK_K // GROUP) + offs_g) < K // GROUP)[None, :], other=0)
+                    w = expand_int4_tile(nibbles, mult, GROUP).to(tl.int8)
+                else:
+                    w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=ACC_DTYPE)
             a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+            if PACKED:
+                w_ptrs += BLOCK_K // 2
+                mult_ptrs += BLOCK_K // GROUP
+            else:
+                w_ptrs += BLOCK_K
         if SPLIT_K == 1:
             out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
             _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
@@ -387,9 +410,12 @@ class GemmConfig:
     n256: bool = False
 
 
-def _candidate_configs(m: int, two_level: bool, group_size: int, wgmma: bool = False) -> list[GemmConfig]:
+def _candidate_configs(m: int, two_level: bool, group_size: int, packed_group: int = 0, wgmma: bool = False) -> list[GemmConfig]:
     """The tile configs ``_tune`` times; the first is the default where nothing is timed.
-    ``wgmma``: the Gluon kernel can run (Hopper, 16-bit low-rank operands)."""
+    ``packed_group``: the weight is packed (the plain kernel only); ``wgmma``: the Gluon kernel
+    can run (Hopper, 16-bit low-rank operands)."""
+    if packed_group:
+        return [cfg for cfg in _candidate_configs(m, True, 0) if not cfg.persistent]
     if not two_level:
         g = group_size
         if m <= 64:
@@ -457,12 +483,24 @@ def _split_k_workspace(device: torch.device, elems: int, tiles: int) -> tuple[Te
     return ws, counts
 
 
-def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scales: Tensor, lora_act: Tensor, lora_up: Tensor, bias: Tensor | None) -> int:
-    """Validate shapes; return the group size (0 for two-level scales)."""
-    if act_q.dtype != weight_q.dtype or act_q.dtype not in (torch.int8, torch.float8_e4m3fn) or act_q.dim() != 2 or weight_q.dim() != 2:
-        raise ValueError(f"w4a4_gemm: act_q [M, K] and weight_q [N, K] must be 2-D, both int8 or both float8_e4m3fn, "
-                         f"got {act_q.dtype} {tuple(act_q.shape)} and {weight_q.dtype} {tuple(weight_q.shape)}")
+def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scales: Tensor, lora_act: Tensor, lora_up: Tensor, bias: Tensor | None) -> tuple[int, int]:
+    """Validate shapes; return the group size of float group scales (0: two-level) and of a packed
+    weight_q (0: not packed)."""
+    if act_q.dim() != 2 or weight_q.dim() != 2:
+        raise ValueError(f"w4a4_gemm: act_q [M, K] and weight_q [N, K] must be 2-D, got {tuple(act_q.shape)} and {tuple(weight_q.shape)}")
     (m, k), (n, k_w) = act_q.shape, weight_q.shape
+    packed_group = 0
+    if weight_q.dtype == torch.uint8 and act_q.dtype == torch.int8:
+        # With int8 activations a packed weight is "int4_2level": its width tells the group size.
+        packed_group = next((g for g in (16, 32, 64, 128, 256) if k % g == 0 and k_w == packed_weight_columns(k, g, True)), 0)
+        if not packed_group or act_scales.dim() != 1:
+            raise ValueError(f"w4a4_gemm: a uint8 weight_q must be pack_weight_operand's \"int4_2level\" rows, [N, K/2 + K/G] for a "
+                             f"group size G in 16..256, with two-level scales; got {tuple(weight_q.shape)} for K = {k} and scales "
+                             f"{tuple(act_scales.shape)}. Expand it with unpack_weight first otherwise.")
+        k_w = k
+    elif act_q.dtype != weight_q.dtype or act_q.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"w4a4_gemm: act_q and weight_q must be both int8 or both float8_e4m3fn (or weight_q packed, "
+                         f"see the docstring), got {act_q.dtype} and {weight_q.dtype}")
     if k != k_w:
         raise ValueError(f"w4a4_gemm: act_q has K = {k} but weight_q has K = {k_w}")
     if act_scales.shape == (m,) and weight_scales.shape == (n,):
@@ -480,11 +518,14 @@ def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scal
         raise ValueError(f"w4a4_gemm: lora_act must be float [{m}, R] and lora_up float [{n}, R], got {tuple(lora_act.shape)} and {tuple(lora_up.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"w4a4_gemm: bias must be [{n}], got {tuple(bias.shape)}")
-    return group
+    return group, packed_group
 
 
-def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, gelu: tuple[int, int], lora_dtype: torch.dtype, cfg: GemmConfig) -> None:
+def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, packed_group: int, has_bias: bool, gelu: tuple[int, int], lora_dtype: torch.dtype,
+            cfg: GemmConfig) -> None:
     two_level = group == 0
+    if packed_group and (cfg.wgmma or cfg.persistent):
+        raise ValueError(f"w4a4_gemm: packed weights take the plain kernel's configs (not wgmma or persistent), got {cfg}")
     acc_dtype = tl.int32 if args[0].dtype == torch.int8 else tl.float32
     block_r = 16 if rank <= 16 else (32 if rank <= 32 else 64)
     lora_tl, lora_precision = _TORCH_TO_TL[lora_dtype], "ieee" if lora_dtype == torch.float32 else "tf32"
@@ -511,13 +552,13 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias
     ws, counts = _split_k_workspace(args[0].device, (tiles - first_tile) * split_k * cfg.block_m * cfg.block_n, tiles - first_tile) if split_k > 1 else (args[0], args[0])
     if split_k > 1 and acc_dtype == tl.float32:
         ws = ws.view(torch.float32)  # fp8 partial sums
-    block_k = cfg.block_k if two_level else group
+    block_k = max(cfg.block_k, packed_group) if two_level else group  # a packed tile holds whole groups
     _w4a4_gemm_kernel[(tiles - first_tile, split_k)](
-        *args, ws, counts, m, n, k, rank, *gelu, first_tile,
-        TWO_LEVEL=two_level, ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(group, 1),
+        *args, ws, counts, m, n, k, rank, *gelu, first_tile, args[2].shape[1],
+        TWO_LEVEL=two_level, ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(group, packed_group, 1),
         LORA_DTYPE=lora_tl, LORA_PRECISION=lora_precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-        GROUP_M=cfg.group_m, SPLIT_K=split_k, EVEN_K=k % (block_k * split_k) == 0,
+        GROUP_M=cfg.group_m, SPLIT_K=split_k, EVEN_K=k % (block_k * split_k) == 0, PACKED=packed_group > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -627,7 +668,8 @@ def _tail_split(tiles: int, programs: int, k_tiles: int) -> tuple[int, int]:
     return (full, split) if split > 1 else (tiles, 1)
 
 
-def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int, has_bias: bool, gelu: tuple[int, int], lora_dtype: torch.dtype) -> GemmConfig:
+def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int, packed_group: int, has_bias: bool, gelu: tuple[int, int],
+          lora_dtype: torch.dtype) -> GemmConfig:
     """Time every candidate on the real arguments (median of a short run); cache the fastest.
 
     A Gluon candidate that fails to build (Gluon's API moves between Triton releases) is dropped
@@ -636,7 +678,7 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
     Triton kernel) on these arguments: for int8 it runs an instruction Triton does not emit
     itself (``int8_wgmma_256``)."""
     global _wgmma_build_error, _n256_error
-    candidates = _candidate_configs(m, group == 0, group, wgmma=_wgmma_runs(args[0].device, lora_dtype))
+    candidates = _candidate_configs(m, group == 0, group, packed_group, wgmma=_wgmma_runs(args[0].device, lora_dtype))
     # The first candidate's output, kept only where an n256 candidate will be checked against it.
     check_n256 = _n256_error is None and any(cfg.n256 for cfg in candidates)
     best, best_ms, reference = None, float("inf"), None
@@ -644,7 +686,7 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
         if cfg.wgmma and _wgmma_build_error is not None or cfg.n256 and _n256_error is not None:
             continue
         try:
-            ms = triton.testing.do_bench(lambda: _launch(args, m, n, k, rank, group, has_bias, gelu, lora_dtype, cfg), warmup=5, rep=20, return_mode="median")
+            ms = triton.testing.do_bench(lambda: _launch(args, m, n, k, rank, group, packed_group, has_bias, gelu, lora_dtype, cfg), warmup=5, rep=20, return_mode="median")
         except triton.runtime.errors.OutOfResources:
             continue  # tile does not fit this GPU's shared memory or registers
         except Exception as exc:
@@ -691,8 +733,8 @@ def _relative_difference(out: Tensor, reference: Tensor) -> float:
 
 
 def tuned_configs() -> dict[tuple, GemmConfig]:
-    """The configs chosen so far, keyed by (group size or 0 for two-level, operand dtype, M bucket, N,
-    K, rank chunks, lora dtype, out dtype).
+    """The configs chosen so far, keyed by (group size or 0 for two-level, packed weight's group
+    size or 0, operand dtype, M bucket, N, K, rank chunks, lora dtype, out dtype).
 
     Example:
         >>> isinstance(tuned_configs(), dict)
@@ -721,7 +763,11 @@ def w4a4_gemm(
         act_q: [M, K] int8 activations (``q * mult`` or ``q``), or float8_e4m3fn holding ``q * mult``
             (two-level scales only; weight_q then too).
         act_scales: fp32 [M] (two-level) or [M, K/G] (group scales).
-        weight_q: [N, K] of act_q's dtype.
+        weight_q: [N, K] of act_q's dtype; or, with int8 act_q and two-level scales, the packed
+            "int4_2level" weight of ``numerics.pack_weight_operand`` (uint8 [N, K/2 + K/G]),
+            expanded tile by tile as the K loop loads it. For small M, where the GEMM waits on
+            reading the weight (0.52 bytes per value, against 1 for the 8-bit operand and 2.5 with
+            ``unpack_weight`` first): the op passes it for M <= ``ops.PACKED_GEMM_MAX_M``.
         weight_scales: [N] fp32 (two-level) or [N, K/G] any float dtype.
         lora_act: [M, R] 16-bit or fp32 (R = 0 allowed, any R; chunks of up to 64).
         lora_up: [N, R]; a dtype other than lora_act's is multiplied in fp32.
@@ -737,7 +783,7 @@ def w4a4_gemm(
         >>> w4a4_gemm(a, torch.ones(3), w, torch.ones(32), torch.zeros(3, 0), torch.zeros(32, 0), None, torch.float32).shape
         torch.Size([3, 32])
     """
-    group = _check_args(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias)
+    group, packed_group = _check_args(act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias)
     (m, k), n, rank = act_q.shape, weight_q.shape[0], lora_act.shape[1]
     if gelu_start < gelu_end and not 0 <= gelu_start < gelu_end <= n:
         raise ValueError(f"w4a4_gemm: the GELU columns gelu_start:gelu_end must lie in 0:{n}, got {gelu_start}:{gelu_end}")
@@ -750,14 +796,14 @@ def w4a4_gemm(
     args = (act_q.contiguous(), act_scales.contiguous(), weight_q.contiguous(), weight_scales.contiguous(),
             lora_act.contiguous(), lora_up.contiguous(), bias if bias is not None else act_scales, out)
     if config is None:
-        key = (group, act_q.dtype, _m_bucket(m), n, k, triton.cdiv(rank, 64), lora_dtype, out_dtype)
+        key = (group, packed_group, act_q.dtype, _m_bucket(m), n, k, triton.cdiv(rank, 64), lora_dtype, out_dtype)
         config = _tuned.get(key)
         if config is None:
             if act_q.is_cuda and not torch.cuda.is_current_stream_capturing():
-                config = _tune(args, key, m, n, k, rank, group, bias is not None, (gelu_start, gelu_end), lora_dtype)
+                config = _tune(args, key, m, n, k, rank, group, packed_group, bias is not None, (gelu_start, gelu_end), lora_dtype)
             else:
-                config = _candidate_configs(m, group == 0, group)[0]
-    _launch(args, m, n, k, rank, group, bias is not None, (gelu_start, gelu_end), lora_dtype, config)
+                config = _candidate_configs(m, group == 0, group, packed_group)[0]
+    _launch(args, m, n, k, rank, group, packed_group, bias is not None, (gelu_start, gelu_end), lora_dtype, config)
     return out
 
 
@@ -781,6 +827,9 @@ def w4a4_gemm_reference(
         >>> w4a4_gemm_reference(a, torch.ones(3), w, torch.ones(32), torch.zeros(3, 0), torch.zeros(32, 0), None, torch.float32).shape
         torch.Size([3, 32])
     """
+    if weight_q.dtype == torch.uint8:  # packed "int4_2level" (see w4a4_gemm)
+        k = act_q.shape[1]
+        weight_q = unpack_weight_operand(weight_q, k, k // (weight_q.shape[1] - k // 2), True)
     out = lora_act.float() @ lora_up.float().T
     if act_scales.dim() == 1:
         acc = (act_q.double() @ weight_q.double().T).float()  # exact int32 sums
