@@ -483,6 +483,17 @@ def _split_k_workspace(device: torch.device, elems: int, tiles: int) -> tuple[Te
     return ws, counts
 
 
+def _packed_2level_group(k: int, columns: int) -> int:
+    """The group size of an "int4_2level" weight packed to ``columns`` bytes per row (K = ``k``,
+    ``numerics.pack_weight_operand``), or 0 when no group size in 16..256 gives that width.
+
+    Example:
+        >>> _packed_2level_group(3072, 1584), _packed_2level_group(3072, 1583)
+        (64, 0)
+    """
+    return next((g for g in (16, 32, 64, 128, 256) if k % g == 0 and columns == packed_weight_columns(k, g, True)), 0)
+
+
 def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scales: Tensor, lora_act: Tensor, lora_up: Tensor, bias: Tensor | None) -> tuple[int, int]:
     """Validate shapes; return the group size of float group scales (0: two-level) and of a packed
     weight_q (0: not packed)."""
@@ -492,7 +503,7 @@ def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scal
     packed_group = 0
     if weight_q.dtype == torch.uint8 and act_q.dtype == torch.int8:
         # With int8 activations a packed weight is "int4_2level": its width tells the group size.
-        packed_group = next((g for g in (16, 32, 64, 128, 256) if k % g == 0 and k_w == packed_weight_columns(k, g, True)), 0)
+        packed_group = _packed_2level_group(k, k_w)
         if not packed_group or act_scales.dim() != 1:
             raise ValueError(f"w4a4_gemm: a uint8 weight_q must be pack_weight_operand's \"int4_2level\" rows, [N, K/2 + K/G] for a "
                              f"group size G in 16..256, with two-level scales; got {tuple(weight_q.shape)} for K = {k} and scales "
@@ -829,7 +840,7 @@ def w4a4_gemm_reference(
     """
     if weight_q.dtype == torch.uint8:  # packed "int4_2level" (see w4a4_gemm)
         k = act_q.shape[1]
-        weight_q = unpack_weight_operand(weight_q, k, k // (weight_q.shape[1] - k // 2), True)
+        weight_q = unpack_weight_operand(weight_q, k, _packed_2level_group(k, weight_q.shape[1]), True)
     out = lora_act.float() @ lora_up.float().T
     if act_scales.dim() == 1:
         acc = (act_q.double() @ weight_q.double().T).float()  # exact int32 sums
