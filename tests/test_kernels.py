@@ -333,7 +333,7 @@ def test_a_gluon_kernel_that_does_not_build_leaves_the_triton_kernels(monkeypatc
     config is chosen, and the other Gluon candidates are not tried. (No GPU here: the Gluon launch
     raises the compiler's error, and the timer runs each candidate once under the interpreter and
     ranks persistent tiles first.)"""
-    def fake_bench(fn, **kwargs):
+    def fake_bench(fn):
         fn()
         return 1.0 if launched[-1].persistent else 2.0
 
@@ -344,7 +344,7 @@ def test_a_gluon_kernel_that_does_not_build_leaves_the_triton_kernels(monkeypatc
     original_launch = gk._launch
     monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
     monkeypatch.setattr(gk, "_launch_wgmma", gluon_fails_to_build)
-    monkeypatch.setattr(gk.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(gk, "_gpu_ms", fake_bench)
     monkeypatch.setattr(gk, "_wgmma_runs", lambda device, lora_dtype: gk._wgmma_build_error is None)  # "a Hopper GPU"
     monkeypatch.setattr(gk, "_wgmma_build_error", None)
     args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(6))
@@ -365,7 +365,7 @@ def test_a_256_wide_candidate_is_picked_only_if_it_reproduces_the_first(n256_sca
     the faster one is chosen. (No GPU here: the Gluon launches write the plain kernel's output,
     scaled for the n256 ones, and the timer ranks n256 first, then persistent tiles; fp32 low-rank
     operands, as the interpreter needs.)"""
-    def fake_bench(fn, **kwargs):
+    def fake_bench(fn):
         fn()
         return 0.5 if launched[-1].n256 else 1.0 if launched[-1].persistent else 2.0
 
@@ -376,7 +376,7 @@ def test_a_256_wide_candidate_is_picked_only_if_it_reproduces_the_first(n256_sca
     original_launch = gk._launch
     monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
     monkeypatch.setattr(gk, "_launch_wgmma", gluon)
-    monkeypatch.setattr(gk.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(gk, "_gpu_ms", fake_bench)
     monkeypatch.setattr(gk, "_wgmma_runs", lambda device, lora_dtype: True)  # "a Hopper GPU"
     monkeypatch.setattr(gk, "_n256_error", None)
     args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(7))

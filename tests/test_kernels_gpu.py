@@ -2,7 +2,8 @@
 
 Same rules as tests/test_kernels.py: integer outputs exactly, float outputs within the bound that
 reordered fp32 sums plus one final rounding allow. Output buffers are poisoned with NaN before every
-launch (the caching allocator hands the poisoned block back), so an unwritten element fails.
+launch (the caching allocator hands the poisoned block back), so an unwritten element fails: every
+check is written ``~(error <= bound)``, which NaN fails, where ``error > bound`` would pass it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def test_w4a4_gemm_flux_shapes(two_level, fp8, m, n, k):
     out = w4a4_gemm(*args, torch.bfloat16)
     torch.cuda.synchronize()
     ref, bound = gemm_bound(args, torch.bfloat16)
-    bad = (out.float() - ref).abs() > bound
+    bad = ~((out.float() - ref).abs() <= bound)
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside the bound, first at {bad.nonzero()[0].tolist()}"
 
 
@@ -68,7 +69,7 @@ def test_w4a4_gemm_split_tail_and_split_k(m, n, k, split_k, gelu, fp8):
     for _ in range(2):  # the second launch checks that the first left the workspace clean
         _poison(((m, n), torch.bfloat16))
         out = gk.w4a4_gemm(*args, torch.bfloat16, config=cfg, gelu_start=gelu[0], gelu_end=gelu[1])
-        bad = (out.float() - ref).abs() > bound
+        bad = ~((out.float() - ref).abs() <= bound)
         assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside the bound, first at {bad.nonzero()[0].tolist()}"
 
 
@@ -99,7 +100,7 @@ def test_w4a4_gemm_wgmma(m, n, k, rank, dtype, out_dtype, gelu, fp8, cfg):
     _, ref, bound = gelu_gemm_bound(args, out_dtype, *gelu)
     _poison(((m, n), out_dtype))
     out = gk.w4a4_gemm(*args, out_dtype, config=cfg, gelu_start=gelu[0], gelu_end=gelu[1])
-    bad = (out.float() - ref).abs() > bound
+    bad = ~((out.float() - ref).abs() <= bound)
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside the bound, first at {bad.nonzero()[0].tolist()}"
 
 
@@ -156,7 +157,7 @@ def test_quantize_ranks(m, rank):
     assert torch.equal(act_q, ref_q), f"{int((act_q != ref_q).sum())} of {act_q.numel()} int8 values differ"
     bound = 3072 * FP32_EPS * (x.float().abs() @ lora_down.float().abs().T) + ulp_bound(ref_lora.float(), torch.bfloat16)
     err = (lora_act.float() - ref_lora.float()).abs()
-    bad = err > bound
+    bad = ~(err <= bound)
     assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} low-rank sums outside the bound (worst error/bound "
                            f"{(err / bound).max().item():.3g}, relative error {(err.norm() / ref_lora.float().norm()).item():.3g}), "
                            f"rows {bad.any(1).nonzero().flatten()[:8].tolist()}, columns {bad.any(0).nonzero().flatten()[:8].tolist()}")

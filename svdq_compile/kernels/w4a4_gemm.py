@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from typing import Callable
 
 import torch
 import triton
@@ -679,6 +680,21 @@ def _tail_split(tiles: int, programs: int, k_tiles: int) -> tuple[int, int]:
     return (full, split) if split > 1 else (tiles, 1)
 
 
+def _gpu_ms(launch: Callable[[], None]) -> float:
+    """The GPU time of ``launch()`` in ms: the median over replays of a CUDA graph of repeated
+    launches. Timed launch by launch, a small M measures the host (one launch's Python outlasts a
+    10-35 us kernel), and the tuner's picks were noise there (KERNEL_NOTES.md, v17).
+
+    The graph runs on a stream of its own (do_bench_cudagraph's), unordered with the caller's, so
+    the device is synchronized first: work queued on the caller's stream may still be writing memory
+    that the arguments took over from it (on an H200 that race left NaN in tuned outputs).
+
+    Example (on a GPU): ``_gpu_ms(lambda: torch.ones(1 << 20, device="cuda"))``
+    """
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(launch, rep=5, return_mode="median")
+
+
 def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int, packed_group: int, has_bias: bool, gelu: tuple[int, int],
           lora_dtype: torch.dtype) -> GemmConfig:
     """Time every candidate on the real arguments (median of a short run); cache the fastest.
@@ -697,7 +713,7 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
         if cfg.wgmma and _wgmma_build_error is not None or cfg.n256 and _n256_error is not None:
             continue
         try:
-            ms = triton.testing.do_bench(lambda: _launch(args, m, n, k, rank, group, packed_group, has_bias, gelu, lora_dtype, cfg), warmup=5, rep=20, return_mode="median")
+            ms = _gpu_ms(lambda: _launch(args, m, n, k, rank, group, packed_group, has_bias, gelu, lora_dtype, cfg))
         except triton.runtime.errors.OutOfResources:
             continue  # tile does not fit this GPU's shared memory or registers
         except Exception as exc:
