@@ -306,6 +306,56 @@ def test_w4a4_gemm_refuses_packed_weights_it_cannot_take():
         assert candidates and not any(cfg.persistent or cfg.wgmma for cfg in candidates)
 
 
+GEMV_CONFIGS = [gk.GemmConfig(4, 16, 256, 1, 4, 3, gemv=True), gk.GemmConfig(4, 8, 512, 1, 4, 3, gemv=True), gk.GemmConfig(4, 4, 128, 1, 4, 3, gemv=True)]
+
+
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}")
+@pytest.mark.parametrize("m,n,k,group", [(1, 83, 64 * 5, 64), (2, 40, 64 * 7, 32), (3, 33, 128 * 3, 128), (4, 21, 256 * 2, 256)])
+@pytest.mark.parametrize("rank", [32, 80])
+def test_w4a4_gemm_gemv_configs(config, m, n, k, group, rank):
+    """The GEMV kernel (1 to 4 tokens in one program) within the reference's bound on the int8 and
+    fp8 operands, at N not a multiple of its rows, masked K tails and ranks in one or two chunks; on
+    packed weights (groups 32 to 256, every nibble and multiplier) exactly its output on the 8-bit
+    operand; with GELU columns whose ends are not tile edges."""
+    gen = torch.Generator().manual_seed(seed("gemv", config.block_k, m, group, rank))
+    for fp8 in (False, True):
+        args = gemm_inputs(m, n, k, rank, torch.bfloat16, True, gen, fp8)
+        ref, bound = gemm_bound(args, torch.bfloat16)
+        out = gk.w4a4_gemm(*args, torch.bfloat16, config=config)
+        assert ((out.float() - ref).abs() <= bound).all()
+    act_q, act_scales, _, weight_scales, lora_act, lora_up, bias = gemm_inputs(m, n, k, rank, torch.bfloat16, True, gen)
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    mult = torch.randint(1, 17, (n, k // group), generator=gen, dtype=torch.uint8)
+    weight_q = numerics.expand_2level(q, mult, group)
+    args = (act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias)
+    packed = numerics.pack_weight_operand(weight_q, group, True)
+    out = gk.w4a4_gemm(*args, torch.bfloat16, config=config)
+    assert torch.equal(gk.w4a4_gemm(args[0], args[1], packed, *args[3:], torch.bfloat16, config=config), out)
+    ref, bound = gemm_bound(args, torch.bfloat16)
+    assert ((out.float() - ref).abs() <= bound).all()
+    pre, ref, bound = gelu_gemm_bound(args, torch.bfloat16, 5, n - 3)
+    out = gk.w4a4_gemm(*args, torch.bfloat16, config=config, gelu_start=5, gelu_end=n - 3)
+    assert ((out.float() - ref).abs() <= bound).all() and (ref[:, 5 : n - 3] - pre[:, 5 : n - 3]).abs().max() > 0.1
+
+
+def test_gemv_configs_only_for_two_level_and_up_to_four_tokens():
+    """The tuner offers GEMV configs for 1-4 tokens (each count range its own tuning bucket, so a
+    pick for one token never serves 16), after the untimed default; forced elsewhere they are
+    refused with a message."""
+    for m in (1, 2, 3, 4):
+        candidates = gk._candidate_configs(m, True, 0)
+        assert any(cfg.gemv for cfg in candidates) and not candidates[0].gemv
+        assert any(cfg.gemv for cfg in gk._candidate_configs(m, True, 0, packed_group=64))
+        assert not any(cfg.gemv for cfg in gk._candidate_configs(m, False, 64))
+    assert not any(cfg.gemv for m in (5, 16, 64, 4096) for cfg in gk._candidate_configs(m, True, 0))
+    assert [gk._m_bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 5000)] == [1, 2, 4, 4, 16, 16, 32, 4096]
+    args = gemm_inputs(5, 24, 64 * 3, 16, torch.bfloat16, True, torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="at most block_m = 4 tokens"):
+        gk.w4a4_gemm(*args, torch.bfloat16, config=GEMV_CONFIGS[0])
+    groups = gemm_inputs(2, 24, 64 * 3, 16, torch.bfloat16, False, torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="two-level scales"):
+        gk.w4a4_gemm(*groups, torch.bfloat16, config=GEMV_CONFIGS[0])
+
 @pytest.mark.parametrize(
     "tiles,programs,k_tiles,expected",
     [(432, 132, 120, (396, 3)), (432, 132, 2, (396, 2)), (384, 132, 96, (384, 1)), (264, 132, 24, (264, 1)),

@@ -51,6 +51,23 @@ def test_w4a4_gemm_flux_shapes(two_level, fp8, m, n, k):
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside the bound, first at {bad.nonzero()[0].tolist()}"
 
 
+@pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+def test_w4a4_gemm_gemv_flux_shapes(fp8, m, n, k):
+    """Every GEMV candidate (1-4 tokens in one program, CUDA cores) within the bound, every output
+    written."""
+    from svdq_compile.kernels import w4a4_gemm as gk
+
+    gen = torch.Generator(device="cuda").manual_seed(seed("gemv", fp8, m, n, k))
+    args = gemm_inputs(m, n, k, 32, torch.bfloat16, True, gen, fp8)
+    ref, bound = gemm_bound(args, torch.bfloat16)
+    for cfg in [cfg for cfg in gk._candidate_configs(m, True, 0) if cfg.gemv]:
+        gk.w4a4_gemm(*args, torch.bfloat16, config=cfg)  # compiles first: poison the call after it
+        _poison(((m, n), torch.bfloat16))
+        bad = ~((gk.w4a4_gemm(*args, torch.bfloat16, config=cfg).float() - ref).abs() <= bound)
+        assert not bad.any(), f"{cfg}: {int(bad.sum())} of {bad.numel()} outside the bound"
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
 @pytest.mark.parametrize("gelu", [(0, 0), (1000, 2900)], ids=["plain", "gelu"])
 @pytest.mark.parametrize("m,n,k,split_k", [(4608, 3072, 15360, 1), (4608, 3072, 3072, 1), (512, 3072, 12288, 2), (512, 3072, 3072, 4)])
@@ -252,7 +269,7 @@ def test_custom_op_two_pieces_and_gelu_on_cuda(m, two_level):
 
 
 @pytest.mark.parametrize("n,k", FLUX_NK, ids=lambda v: str(v))
-@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("m", [1, 3, 64])
 def test_w4a4_gemm_packed_weights_flux_shapes(m, n, k):
     """The GEMM on a packed "int4_2level" weight (expanded in its K loop) gives exactly what every
     candidate config gives on the 8-bit operand, at FLUX's shapes and the op's M range."""

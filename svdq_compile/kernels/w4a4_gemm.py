@@ -36,8 +36,11 @@ the weight: those configs use small M tiles, more programs along N and, for the 
 split-K. Each split stores its int32 partial sums in its own workspace slice; the last split of a
 tile to arrive (a per-tile counter) adds up all slices (exact integers, so the result does not
 depend on the order) and runs the epilogue. Plain stores, not atomics: integer atomics on whole
-tiles cost more than the split saved (KERNEL_NOTES.md, v9). The best config per (format, M bucket,
-N, K, rank chunks, dtype) is measured on the first call and cached.
+tiles cost more than the split saved (KERNEL_NOTES.md, v9). Up to 4 tokens also have GEMV-shaped
+candidates (``gemv`` configs): one program per few weight rows for all tokens, on the CUDA cores,
+with no 16-row tile to pad; at M = 1 on an H200 they took 0.75-1.0x the time of the best tile on
+8-bit weights and 0.65-0.94x on packed ones. The best config per (format, M bucket, N, K, rank
+chunks, dtype) is measured on the first call (GPU time, CUDA-graph replays) and cached.
 """
 
 from __future__ import annotations
@@ -216,6 +219,66 @@ def _w4a4_gemm_persistent_kernel(
                   HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
 
 
+@triton.jit
+def _w4a4_gemv_kernel(
+    a_ptr, sa_ptr, w_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
+    M, N, K, R, gelu_start, gelu_end, W_COLS,
+    ACC_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Two-level scales, M <= BLOCK_M <= 4 tokens (FLUX's adaLN projections: M = 1): one program
+    per BLOCK_N weight rows serves every token, so each weight byte is read once; products on the
+    CUDA cores (int32, or fp32 for fp8 operands), each token's dot reduced per K tile. A tensor-core
+    tile has at least 16 rows, 15 of them padding at M = 1.
+
+    PACKED ("int4_2level" rows, as in ``_w4a4_gemm_kernel``): the low nibbles multiply the even
+    columns' activations and the high nibbles the odd ones, and each group's sum is multiplied by
+    its multiplier once: the same exact integers as expanding the values first, in fewer
+    instructions and without the interleave."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_w = (offs_n % N).to(tl.int64)  # rows past N load a valid row (never stored)
+    offs_m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if PACKED:
+        GROUPS: tl.constexpr = BLOCK_K // GROUP  # whole groups per K tile
+        offs_g = tl.arange(0, GROUPS)
+        offs_j = tl.arange(0, GROUP // 2)
+        for k0 in range(0, K, BLOCK_K):
+            g_ok = (k0 // GROUP + offs_g) < K // GROUP  # K is a multiple of GROUP
+            byte = tl.load(w_ptr + rows_w[:, None, None] * W_COLS + k0 // 2 + offs_g[None, :, None] * (GROUP // 2) + offs_j[None, None, :],
+                           mask=g_ok[None, :, None], other=0).to(tl.int32)
+            low = ((byte & 0xF) ^ 8) - 8  # sign-extend each nibble
+            high = ((byte >> 4) ^ 8) - 8
+            mult = tl.load(w_ptr + rows_w[:, None] * W_COLS + K // 2 + k0 // GROUP + offs_g[None, :], mask=g_ok[None, :], other=0).to(tl.int32)
+            for t in tl.static_range(BLOCK_M):
+                if t < M:
+                    a_even = a_ptr + t * K + k0 + offs_g[:, None] * GROUP + 2 * offs_j[None, :]
+                    a_low = tl.load(a_even, mask=g_ok[:, None], other=0).to(tl.int32)
+                    a_high = tl.load(a_even + 1, mask=g_ok[:, None], other=0).to(tl.int32)
+                    dot = tl.sum(tl.sum(low * a_low[None] + high * a_high[None], axis=2) * mult, axis=1)
+                    acc = tl.where(offs_m[:, None] == t, acc + dot[None, :], acc)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + offs_k) < K
+            w = tl.load(w_ptr + rows_w[:, None] * W_COLS + (k0 + offs_k)[None, :], mask=k_ok[None, :], other=0.0).to(ACC_DTYPE)
+            for t in tl.static_range(BLOCK_M):
+                if t < M:
+                    a = tl.load(a_ptr + t * K + k0 + offs_k, mask=k_ok, other=0.0).to(ACC_DTYPE)
+                    acc = tl.where(offs_m[:, None] == t, acc + tl.sum(w * a[None, :], axis=1)[None, :], acc)
+    rows_a = offs_m % M
+    out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):  # the low-rank part: fp32 products, exact for 16-bit factors
+        r_ok = (r0 + offs_r) < R
+        lu = tl.load(lu_ptr + rows_w[:, None] * R + (r0 + offs_r)[None, :], mask=r_ok[None, :], other=0.0).to(tl.float32)
+        for t in tl.static_range(BLOCK_M):
+            if t < M:
+                la = tl.load(la_ptr + t * R + r0 + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+                out = tl.where(offs_m[:, None] == t, out + tl.sum(lu * la[None, :], axis=1)[None, :], out)
+    _bias_gelu_store(out, bias_ptr, out_ptr, rows_w, offs_m, offs_n, tl.program_id(0) * BLOCK_N, M, N, gelu_start, gelu_end, HAS_BIAS, GELU)
+
+
 @gluon.jit
 def _w4a4_gemm_wgmma_kernel(
     a_desc, w_desc, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
@@ -365,8 +428,7 @@ def _gelu_tanh(v):
 def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, tile_n, M, N, R, gelu_start, gelu_end,
               HAS_BIAS: tl.constexpr, GELU: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
               BLOCK_R: tl.constexpr):
-    """out += lora_act @ lora_up^T (rank in chunks of BLOCK_R) + bias; GELU on the columns
-    gelu_start..gelu_end - 1 (when GELU; tiles outside the range skip it); store as out's dtype.
+    """out += lora_act @ lora_up^T (rank in chunks of BLOCK_R), then ``_bias_gelu_store``.
     ``tile_n`` is the tile's first column."""
     offs_r = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
@@ -374,6 +436,13 @@ def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, of
         la = tl.load(la_ptr + rows_a[:, None] * R + (r0 + offs_r)[None, :], mask=r_ok[None, :], other=0.0)
         lu = tl.load(lu_ptr + rows_w[:, None] * R + (r0 + offs_r)[None, :], mask=r_ok[None, :], other=0.0)
         out = tl.dot(la.to(LORA_DTYPE), tl.trans(lu.to(LORA_DTYPE)), out, input_precision=LORA_PRECISION)
+    _bias_gelu_store(out, bias_ptr, out_ptr, rows_w, offs_m, offs_n, tile_n, M, N, gelu_start, gelu_end, HAS_BIAS, GELU)
+
+
+@triton.jit
+def _bias_gelu_store(out, bias_ptr, out_ptr, rows_w, offs_m, offs_n, tile_n, M, N, gelu_start, gelu_end, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    """out += bias; GELU on the columns gelu_start..gelu_end - 1 (when GELU; tiles outside the
+    range skip it); store the rows ``offs_m`` < M and columns ``offs_n`` < N as out's dtype."""
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows_w).to(tl.float32)[None, :]
     if GELU:
@@ -409,6 +478,9 @@ class GemmConfig:
     # wgmma only: 256-wide instructions (block_n 256 over one column of warps); for int8 operands
     # through the e4m3 build and PTX rename of int8_wgmma_256 (Triton lowers s8 up to N = 224).
     n256: bool = False
+    # two-level, at most block_m (<= 4) tokens: the GEMV-shaped kernel, one program per block_n
+    # weight rows for all tokens, no tensor cores (split_k 1).
+    gemv: bool = False
 
 
 def _candidate_configs(m: int, two_level: bool, group_size: int, packed_group: int = 0, wgmma: bool = False) -> list[GemmConfig]:
@@ -417,6 +489,12 @@ def _candidate_configs(m: int, two_level: bool, group_size: int, packed_group: i
     can run (Hopper, 16-bit low-rank operands)."""
     if packed_group:
         return [cfg for cfg in _candidate_configs(m, True, 0) if not cfg.persistent]
+    if two_level and m <= 4:
+        # At M = 1 on an H200 the GEMV kernel took 0.75-1.0x the time of the best tile on 8-bit
+        # weights and 0.65-0.94x on packed ones; at M = 2 and 4 it mostly lost (KERNEL_NOTES.md,
+        # v17). The tuner measures.
+        gemv = [GemmConfig(4, bn, bk, 1, 4, 3, gemv=True) for bn, bk in ((16, 256), (16, 512), (8, 512), (8, 1024), (4, 1024))]
+        return _candidate_configs(16, True, 0) + gemv
     if not two_level:
         g = group_size
         if m <= 64:
@@ -457,7 +535,9 @@ def _candidate_configs(m: int, two_level: bool, group_size: int, packed_group: i
 
 
 def _m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 16)), 4096)
+    """The M range one tuned config serves: 1, 2 and 3-4 tokens each their own (the GEMV kernel's
+    range), then powers of two from 16 to 4096."""
+    return triton.next_power_of_2(m) if m <= 4 else min(triton.next_power_of_2(max(m, 16)), 4096)
 
 
 _workspaces: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -543,6 +623,16 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, packed_g
     lora_tl, lora_precision = _TORCH_TO_TL[lora_dtype], "ieee" if lora_dtype == torch.float32 else "tf32"
     if cfg.wgmma:
         _launch_wgmma(args, m, n, k, rank, has_bias, gelu, acc_dtype, block_r, cfg)
+        return
+    if cfg.gemv:
+        if not two_level or m > cfg.block_m:
+            raise ValueError(f"w4a4_gemm: a gemv config takes two-level scales and at most block_m = {cfg.block_m} tokens, got M = {m}")
+        _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+            *args, m, n, k, rank, *gelu, args[2].shape[1],
+            ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(packed_group, 1), PACKED=packed_group > 0,
+            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=max(cfg.block_k, packed_group), BLOCK_R=block_r,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
         return
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     first_tile, split_k = 0, cfg.split_k if two_level else 1
