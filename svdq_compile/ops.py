@@ -21,7 +21,8 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # loop: reading 0.52 bytes per weight instead of unpack_weight's 1.5 and the GEMM's 1 (FLUX's
 # adaLN projections have M = 1). On an H200 that took 0.30-0.93x the time of unpack_weight + GEMM
 # at M = 1-64 and FLUX's weight shapes, but up to 1.9x at M >= 256, where the expansion's
-# instructions hold up the tensor cores (KERNEL_NOTES.md v16).
+# instructions hold up the tensor cores (KERNEL_NOTES.md v16; timed launch by launch, so at M = 1 partly
+# host time, v17).
 PACKED_GEMM_MAX_M = 64
 
 
