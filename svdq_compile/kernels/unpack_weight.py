@@ -26,6 +26,17 @@ from ..numerics import packed_pow2, packed_weight_columns, unpack_weight_operand
 
 
 @triton.jit
+def signed_nibbles(byte):
+    """The two int4 values of each packed byte, sign-extended to int32: ``(low, high)``, the
+    elements 2j and 2j + 1 of a row whose byte j this is.
+
+    Example (in a kernel): ``low, high = signed_nibbles(tl.load(byte_ptrs))``
+    """
+    byte = byte.to(tl.int32)
+    return ((byte & 0xF) ^ 8) - 8, ((byte >> 4) ^ 8) - 8
+
+
+@triton.jit
 def expand_int4_tile(byte, mult, GROUP: tl.constexpr):
     """Packed bytes [BN, BK / 2] (element 2j in the low nibble of byte j) times each group's
     multiplier [BN, BK / GROUP]: the int32 values ``q * m`` [BN, BK], value by value. For the tiles
@@ -35,9 +46,7 @@ def expand_int4_tile(byte, mult, GROUP: tl.constexpr):
     """
     BLOCK_N: tl.constexpr = byte.shape[0]
     BLOCK_K: tl.constexpr = 2 * byte.shape[1]
-    byte = byte.to(tl.int32)
-    low = ((byte & 0xF) ^ 8) - 8  # sign-extend each nibble
-    high = ((byte >> 4) ^ 8) - 8
+    low, high = signed_nibbles(byte)
     values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
     return tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * mult[:, :, None], (BLOCK_N, BLOCK_K))
 

@@ -61,7 +61,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from ..numerics import apply_gelu_columns, packed_weight_columns, unpack_weight_operand
 from . import int8_wgmma_256, sm_count
 from .int8_wgmma_256 import mark_int8_as_e4m3
-from .unpack_weight import expand_int4_tile
+from .unpack_weight import expand_int4_tile, signed_nibbles
 
 # Gluon's TMA load was renamed after Triton 3.6 (the GPU machine's version; CI has a newer one).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -245,10 +245,8 @@ def _w4a4_gemv_kernel(
         offs_j = tl.arange(0, GROUP // 2)
         for k0 in range(0, K, BLOCK_K):
             g_ok = (k0 // GROUP + offs_g) < K // GROUP  # K is a multiple of GROUP
-            byte = tl.load(w_ptr + rows_w[:, None, None] * W_COLS + k0 // 2 + offs_g[None, :, None] * (GROUP // 2) + offs_j[None, None, :],
-                           mask=g_ok[None, :, None], other=0).to(tl.int32)
-            low = ((byte & 0xF) ^ 8) - 8  # sign-extend each nibble
-            high = ((byte >> 4) ^ 8) - 8
+            low, high = signed_nibbles(tl.load(w_ptr + rows_w[:, None, None] * W_COLS + k0 // 2 + offs_g[None, :, None] * (GROUP // 2) + offs_j[None, None, :],
+                                               mask=g_ok[None, :, None], other=0))
             mult = tl.load(w_ptr + rows_w[:, None] * W_COLS + K // 2 + k0 // GROUP + offs_g[None, :], mask=g_ok[None, :], other=0).to(tl.int32)
             for t in tl.static_range(BLOCK_M):
                 if t < M:
@@ -624,13 +622,14 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, packed_g
     if cfg.wgmma:
         _launch_wgmma(args, m, n, k, rank, has_bias, gelu, acc_dtype, block_r, cfg)
         return
+    block_k = max(cfg.block_k, packed_group) if two_level else group  # a packed tile holds whole groups
     if cfg.gemv:
         if not two_level or m > cfg.block_m:
             raise ValueError(f"w4a4_gemm: a gemv config takes two-level scales and at most block_m = {cfg.block_m} tokens, got M = {m}")
         _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
             *args, m, n, k, rank, *gelu, args[2].shape[1],
             ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(packed_group, 1), PACKED=packed_group > 0,
-            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=max(cfg.block_k, packed_group), BLOCK_R=block_r,
+            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return
@@ -654,7 +653,6 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, packed_g
     ws, counts = _split_k_workspace(args[0].device, (tiles - first_tile) * split_k * cfg.block_m * cfg.block_n, tiles - first_tile) if split_k > 1 else (args[0], args[0])
     if split_k > 1 and acc_dtype == tl.float32:
         ws = ws.view(torch.float32)  # fp8 partial sums
-    block_k = max(cfg.block_k, packed_group) if two_level else group  # a packed tile holds whole groups
     _w4a4_gemm_kernel[(tiles - first_tile, split_k)](
         *args, ws, counts, m, n, k, rank, *gelu, first_tile, args[2].shape[1],
         TWO_LEVEL=two_level, ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(group, packed_group, 1),
