@@ -22,6 +22,9 @@ programs) reads x once for the row max of the smoothed x and the low-rank partia
 in a single sweep, after adding up launch 1's per-slice partials in slice order (deterministic,
 no atomics). One launch that swept each row twice measured 24% of copy bandwidth on an H100
 (KERNEL_NOTES.md, v1-v4); x read twice and int8 written once is 5MK bytes against the ideal 3MK.
+One launch whose K slices wait for the rest of their row block's maxima (x read from memory once)
+was 1.1-1.9x slower than these two on an H200 (v18): a program's phases run one after another,
+with round trips to L2 between them, so it waits on latency, not on bandwidth.
 The float-group format needs no row max: launch 1 then runs only for the low-rank part.
 """
 
