@@ -250,9 +250,9 @@ def _w4a4_gemv_kernel(
             mult = tl.load(w_ptr + rows_w[:, None] * W_COLS + K // 2 + k0 // GROUP + offs_g[None, :], mask=g_ok[None, :], other=0).to(tl.int32)
             for t in tl.static_range(BLOCK_M):
                 if t < M:
-                    a_even = a_ptr + t * K + k0 + offs_g[:, None] * GROUP + 2 * offs_j[None, :]
-                    a_low = tl.load(a_even, mask=g_ok[:, None], other=0).to(tl.int32)
-                    a_high = tl.load(a_even + 1, mask=g_ok[:, None], other=0).to(tl.int32)
+                    # The token's K tile read contiguously, then split into the even and odd columns.
+                    a = tl.load(a_ptr + t * K + k0 + offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_ok[:, None], other=0)
+                    a_low, a_high = tl.split(tl.reshape(a.to(tl.int32), (GROUPS, GROUP // 2, 2)))
                     dot = tl.sum(tl.sum(low * a_low[None] + high * a_high[None], axis=2) * mult, axis=1)
                     acc = tl.where(offs_m[:, None] == t, acc + dot[None, :], acc)
     else:
