@@ -250,7 +250,8 @@ def _w4a4_gemv_kernel(
             mult = tl.load(w_ptr + rows_w[:, None] * W_COLS + K // 2 + k0 // GROUP + offs_g[None, :], mask=g_ok[None, :], other=0).to(tl.int32)
             for t in tl.static_range(BLOCK_M):
                 if t < M:
-                    # The token's K tile read contiguously, then split into the even and odd columns.
+                    # One contiguous load, split into even and odd columns in registers (two loads
+                    # strided by two went through shared memory to the weights' layout: v18).
                     a = tl.load(a_ptr + t * K + k0 + offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_ok[:, None], other=0)
                     a_low, a_high = tl.split(tl.reshape(a.to(tl.int32), (GROUPS, GROUP // 2, 2)))
                     dot = tl.sum(tl.sum(low * a_low[None] + high * a_high[None], axis=2) * mult, axis=1)
