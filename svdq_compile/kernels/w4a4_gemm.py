@@ -251,7 +251,7 @@ def _w4a4_gemv_kernel(
             for t in tl.static_range(BLOCK_M):
                 if t < M:
                     # One contiguous load, split into even and odd columns in registers (two loads
-                    # strided by two went through shared memory to the weights' layout: v18).
+                    # strided by two went through shared memory: KERNEL_NOTES.md v18).
                     a = tl.load(a_ptr + t * K + k0 + offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_ok[:, None], other=0)
                     a_low, a_high = tl.split(tl.reshape(a.to(tl.int32), (GROUPS, GROUP // 2, 2)))
                     dot = tl.sum(tl.sum(low * a_low[None] + high * a_high[None], axis=2) * mult, axis=1)
