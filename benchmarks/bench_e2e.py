@@ -281,15 +281,16 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         activations = torch.cuda.max_memory_allocated() - before
         result[tokens] = {"ms": ms, "first_call_s": first_call, "weight_gib": weights / 2**30, "peak_gib": (weights + activations) / 2**30}
         if args.profile and tokens == args.tokens[0] and not name.endswith("+ CUDA graph"):
-            result["time_shares"], result["gpu_ms"], result["top_kernels"] = profile_forward(model, inputs)
+            result |= profile_forward(model, inputs)
         del forward
         torch.cuda.empty_cache()
     return result
 
 
-# Kernel-name fragments of each share of the forward's GPU time, matched in this order.
+# Kernel-name fragments of each share of the forward's GPU time, matched in this order. The W4A4
+# GEMM's share includes its GEMV form and, with packed weights, their expansion before the GEMM.
 SHARES = (
-    ("W4A4 GEMM", ("w4a4_gemm",)),
+    ("W4A4 GEMM", ("w4a4_gemm", "w4a4_gemv", "unpack_weight")),
     ("activation quantize", ("_quantize_kernel", "_row_max_lowrank_kernel", "quantize_act")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("other GEMMs", ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm", "int4", "sm90", "matmul")),
@@ -315,9 +316,34 @@ def share_of(kernel: str) -> str:
     return next((name for name, parts in SHARES if any(p in key for p in parts)), "everything else")
 
 
-def profile_forward(model: nn.Module, inputs: dict, forwards: int = 3) -> tuple[dict[str, float], float, list]:
-    """Share of GPU kernel time per kind of kernel, GPU ms per forward, and the 15 kernels that
-    take the most time (name, ms per forward, calls per forward), over profiled forwards."""
+def idle_before(kernels: list[tuple[float, float, str]], forwards: int) -> tuple[float, list]:
+    """Idle GPU time per forward (ms) from the kernels' ``(start, end, name)`` in microseconds, and
+    the 10 kernel names that most often find the GPU idle before they start: ``(name, ms per
+    forward, launches per forward)``. A kernel's wait runs from the latest end of the kernels
+    before it (they may overlap) to its start; the first one waits for nothing.
+
+    Example:
+        >>> idle_before([(0.0, 5.0, "a"), (7.0, 9.0, "b"), (9.5, 12.0, "a")], forwards=1)
+        (0.0025, [('b', 0.002, 1), ('a', 0.0005, 2)])
+    """
+    waits: dict[str, float] = {}
+    launches: dict[str, int] = {}
+    busy_until = None
+    for start, end, name in sorted(kernels):
+        if busy_until is not None:
+            waits[name] = waits.get(name, 0.0) + max(0.0, start - busy_until)
+        launches[name] = launches.get(name, 0) + 1
+        busy_until = end if busy_until is None else max(busy_until, end)
+    top = sorted(waits, key=lambda n: -waits[n])[:10]
+    return round(sum(waits.values()) / forwards / 1e3, 4), [(n[:90], round(waits[n] / forwards / 1e3, 4), launches[n] // forwards) for n in top]
+
+
+def profile_forward(model: nn.Module, inputs: dict, forwards: int = 3) -> dict:
+    """Over profiled forwards: the share of GPU kernel time per kind of kernel (``time_shares``), GPU
+    ms per forward (``gpu_ms``), the 15 kernels that take the most time (``top_kernels``: name, ms
+    per forward, calls per forward), and the GPU's idle time per forward with the kernels it waits
+    before (``idle_ms``, ``idle_before``: see ``idle_before``)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -333,8 +359,14 @@ def profile_forward(model: nn.Module, inputs: dict, forwards: int = 3) -> tuple[
         totals[share_of(event.key)] += us
         kernels.append((event.key[:90], round(us / forwards / 1e3, 3), event.count // forwards))
     total = sum(totals.values()) or 1.0
-    top = sorted(kernels, key=lambda k: -k[1])[:15]
-    return {name: round(us / total, 3) for name, us in totals.items()}, round(total / forwards / 1e3, 2), top
+    idle_ms, waits = idle_before([(e.time_range.start, e.time_range.end, e.key) for e in prof.events() if e.device_type == DeviceType.CUDA], forwards)
+    return {
+        "time_shares": {name: round(us / total, 3) for name, us in totals.items()},
+        "gpu_ms": round(total / forwards / 1e3, 2),
+        "top_kernels": sorted(kernels, key=lambda k: -k[1])[:15],
+        "idle_ms": idle_ms,
+        "idle_before": waits,
+    }
 
 
 def _svdq_operands() -> list[torch.Tensor]:
@@ -412,7 +444,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--config-timeout", type=float, default=400, help="seconds per configuration's process")
-    parser.add_argument("--profile", action="store_true", help="also report each kind of kernel's share of GPU time")
+    parser.add_argument("--profile", action="store_true", help="also report each kind of kernel's share of GPU time, and the GPU's idle time before each kernel")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--cache-dir", default=None, help="svdquant disk cache (default: a fresh folder under --out)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table and plot of earlier runs' e2e_results.json files together (a configuration in several: the last file's)")
@@ -473,6 +505,11 @@ def report(rows: list[dict], metas: list[dict], tokens_list: list[int], out: str
         for r in rows:
             if "time_shares" in r:
                 print(f"| {r['config']} | {r.get('gpu_ms', '-')} | " + " | ".join(f"{r['time_shares'][n]:.0%}" for n in names) + " |")
+    for r in rows:
+        if r.get("idle_before"):
+            print(f"\n### GPU idle before each kernel, {r['config']}: {r['idle_ms']} ms per forward\n| kernel | idle ms per forward | launches | us per launch |\n| --- | --- | --- | --- |")
+            for name, ms, launches in r["idle_before"]:
+                print(f"| {name} | {ms} | {launches} | {1e3 * ms / max(launches, 1):.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""Helpers of benchmarks/bench_e2e.py that run without a GPU: how the profiled forward's kernels
+are sorted into shares of GPU time and into the GPU's idle time before each kernel."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("bench_e2e", Path(__file__).parents[1] / "benchmarks" / "bench_e2e.py")
+bench_e2e = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_e2e)
+
+
+def test_idle_before_counts_gaps_not_overlaps():
+    # Microseconds, out of order: the first "c" runs inside a's span (no wait before it, and "b"
+    # waits from a's end, not c's); the later kernels wait 3, 2 and 7 us.
+    kernels = [(30.0, 31.0, "a"), (0.0, 10.0, "a"), (2.0, 4.0, "c"), (13.0, 20.0, "b"), (22.0, 23.0, "c")]
+    idle_ms, waits = bench_e2e.idle_before(kernels, forwards=2)
+    assert idle_ms == (3.0 + 2.0 + 7.0) / 2 / 1e3
+    assert waits == [("a", 0.0035, 1), ("b", 0.0015, 0), ("c", 0.001, 1)]
+
+
+def test_share_of_names():
+    assert bench_e2e.share_of("_w4a4_gemv_kernel") == "W4A4 GEMM"
+    assert bench_e2e.share_of("_unpack_weight_kernel") == "W4A4 GEMM"
+    assert bench_e2e.share_of("_row_max_lowrank_kernel") == "activation quantize"
+    assert bench_e2e.share_of("triton_red_fused_abs_amax_mul_3") == "activation quantize"
+    assert bench_e2e.share_of("triton_poi_fused_add_mul_native_layer_norm_1") == "everything else"
+    assert bench_e2e.share_of("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "other GEMMs"
