@@ -15,11 +15,16 @@ and weights freed by then); later calls replay it.
 Activations are handed from block to block without copies. A replay writes its outputs into a set
 of output buffers and returns them (aliases, not copies); a later call that passes such a buffer
 (the next block reading the previous block's output) is captured reading it in place. Any other
-tensor is copied into an input buffer before the replay. A set of output buffers is busy while
-anything but the set holds one of its storages (the returned alias, a view of it: the storage's use
-count says so), and a replay writes only a free set: an output the caller keeps (a U-Net skip
-connection) is never overwritten; the call writes another set instead, captured for it once. Two
-sets serve a chain of blocks, alternately.
+tensor is copied into an input buffer before the replay, once per chain of blocks: a block that
+reads its predecessor's output is passed the tensors the chain's first block was (FLUX's timestep
+embedding and rotary tables), and an input buffer that holds a tensor unchanged since (its version
+counts in-place changes) is not copied into again. A compiled graph that writes into its inputs
+runs uncaptured: its replays would write the input buffers, not the caller's tensors.
+
+A set of output buffers is busy while anything but the set holds one of its storages (the returned
+alias, a view of it: the storage's use count says so), and a replay writes only a free set: an
+output the caller keeps (a U-Net skip connection) is never overwritten; the call writes another
+set instead, captured for it once. Two sets serve a chain of blocks, alternately.
 
 All captures share one memory pool for their temporaries: it holds one block's, not one per block.
 Captures with the same activation shapes share input buffers and output sets, which live outside
@@ -73,12 +78,42 @@ class _OutputSet:
         return any(torch._C._storage_Use_Count(s.cdata) > own for s, own in zip(self._storages, self._own))
 
 
+class _InputBuffer:
+    """An input buffer that captures read, and which tensor it holds a copy of.
+
+    Example:
+        >>> buffer, temb = _InputBuffer(torch.zeros(3)), torch.ones(3)
+        >>> buffer.fill(temb, chained=False); buffer.fill(temb, chained=True)  # the second copies nothing
+        True
+        False
+        >>> _ = temb.add_(1); buffer.fill(temb, chained=True)  # changed in place: its version says so
+        True
+    """
+
+    def __init__(self, like: Tensor) -> None:
+        self.tensor = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
+        self._holds: tuple[weakref.ref, int, int] | None = None  # the tensor copied last, its version and address
+
+    def fill(self, arg: Tensor, chained: bool) -> bool:
+        """Copy ``arg`` in unless this call continues a chain of blocks and the buffer already holds
+        ``arg`` unchanged; True when it copied. Inference tensors keep no version: always copied.
+        The skip is kept within a chain of blocks, where no other code writes the tensors the
+        blocks share, so one written without a version change (another CUDA graph's output, say)
+        is copied again at the next chain's first block."""
+        held = None if arg.is_inference() else (arg._version, arg.data_ptr())
+        if chained and held is not None and self._holds is not None and self._holds[0]() is arg and self._holds[1:] == held:
+            return False
+        self.tensor.copy_(arg)
+        self._holds = None if held is None else (weakref.ref(arg), *held)
+        return True
+
+
 @dataclass
 class _Buffers:
     """Buffers shared by the captures of one activation signature: one input buffer per activation
     argument (for calls that copy it in), and the output sets."""
 
-    inputs: list[Tensor]
+    inputs: list[_InputBuffer]
     output_sets: list[_OutputSet] = field(default_factory=list)
 
 
@@ -87,7 +122,7 @@ class _Capture:
     """One captured call: its graph, where it reads and writes, how to rebuild its outputs."""
 
     graph: torch.cuda.CUDAGraph
-    copied: tuple[tuple[int, Tensor], ...]  # (argument position, input buffer) for each copied argument
+    copied: tuple[tuple[int, _InputBuffer], ...]  # (argument position, input buffer) for each copied argument
     output_set: _OutputSet
     outputs: list[Any]  # the call's outputs with each tensor replaced by its index in output_set
     as_tuple: bool
@@ -143,15 +178,17 @@ class GraphReplay:
             if key.seen not in self.seen or sum(map(len, self.captures.values())) >= MAX_GRAPHS:
                 if len(self.seen) >= 4 * MAX_GRAPHS:  # keys that never come back (a float argument that changes every call)
                     self.seen.clear()
-                out = self.fn(*args)
-                if key.seen not in self.seen:  # past MAX_GRAPHS every call comes here: record once
+                if key.seen in self.seen:
+                    return self.fn(*args)
+                out = self._first_call(args, static_extra)
+                if self.disabled is None:
                     self.seen[key.seen] = [torch.empty_like(t, device="meta") for t in _tensors_of(out)[0]]
                 return out
             capture = self._capture(key, args, static_extra)
             if capture is None:
                 return self.fn(*args)
         for i, buffer in capture.copied:
-            buffer.copy_(args[i])
+            buffer.fill(args[i], chained=bool(key.in_place))
         capture.graph.replay()
         out = [capture.output_set.tensors[o].detach() if isinstance(o, _Index) else o for o in capture.outputs]
         return tuple(out) if capture.as_tuple else out
@@ -188,6 +225,18 @@ class GraphReplay:
             return None
         return _Key(tuple(parts), tuple(in_place), tuple(signature))
 
+    def _first_call(self, args: Sequence[Any], static_extra: int) -> Any:
+        """Run a call seen for the first time uncaptured; disable captures if it wrote into an
+        activation (a compiled graph bumps the version of each input it writes)."""
+        first_static = len(args) - static_extra
+        activations = [a for i, a in enumerate(args) if isinstance(a, Tensor) and not _read_in_place(a, i, first_static) and not a.is_inference()]
+        versions = [a._version for a in activations]
+        out = self.fn(*args)
+        if any(a._version != v for a, v in zip(activations, versions)):
+            self.disabled = "the compiled graph writes into its input tensors"
+            log.warning("svdquant: %s, so its calls run without CUDA graphs (their replays would write copies, not the caller's tensors)", self.disabled)
+        return out
+
     def _capture(self, key: _Key, args: Sequence[Any], static_extra: int) -> _Capture | None:
         first_static = len(args) - static_extra
         activations = [i for i, a in enumerate(args) if isinstance(a, Tensor) and not _read_in_place(a, i, first_static)]
@@ -195,8 +244,7 @@ class GraphReplay:
         if buffers is None:
             if len(self.buffers) >= MAX_SHAPES:
                 return None
-            buffers = self.buffers[key.signature] = _Buffers([torch.empty_strided(args[i].shape, args[i].stride(), dtype=args[i].dtype, device=args[i].device)
-                                                              for i in activations])
+            buffers = self.buffers[key.signature] = _Buffers([_InputBuffer(args[i]) for i in activations])
         # A free set of output buffers (the sets this call reads in place are busy: it holds them),
         # or a new one. Made outside the pool: a graph captured earlier may use pool memory freed
         # since for its temporaries, and its replays would overwrite outputs a caller holds.
@@ -212,8 +260,8 @@ class GraphReplay:
         copied = tuple((i, buffer) for i, buffer in zip(activations, buffers.inputs) if i not in read_in_place)
         call_args = list(args)
         for i, buffer in copied:
-            buffer.copy_(args[i])
-            call_args[i] = buffer
+            buffer.fill(args[i], chained=False)
+            call_args[i] = buffer.tensor
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

@@ -120,8 +120,8 @@ def test_block_cuda_graphs_under_regional_compilation(monkeypatch):
     # its hidden states in (from the embedders or the other kind of block) and the second reads the
     # first's output buffers. (At the second resolution Dynamo recompiles some blocks on their
     # own, which then start a chain of their own.)
-    copying = [c for c in first_resolution if any(buffer.dim() == 3 for _, buffer in c.copied)]
-    assert len(first_resolution) == 4 and len(copying) == 2, [[tuple(b.shape) for _, b in c.copied] for c in first_resolution]
+    copying = [c for c in first_resolution if any(buffer.tensor.dim() == 3 for _, buffer in c.copied)]
+    assert len(first_resolution) == 4 and len(copying) == 2, [[tuple(b.tensor.shape) for _, b in c.copied] for c in first_resolution]
     # Deleting the model releases its captures, buffers and memory pool (Dynamo keeps the graphs).
     del graphed
     gc.collect()

@@ -1,6 +1,7 @@
 """``GraphReplay`` on a CUDA GPU (skipped without CUDA): chained calls hand their outputs over in
-place, outputs a caller keeps are never overwritten, and every replay returns what the plain call
-returns for that call's inputs.
+place, a tensor every block is passed is copied once per chain, outputs a caller keeps are never
+overwritten, a graph that writes into its inputs runs uncaptured, and every replay returns what the
+plain call returns for that call's inputs.
 
 Run on the GPU machine: ``pytest tests/test_cuda_graphs_gpu.py``.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from svdq_compile.cuda_graphs import GraphReplay
 
@@ -18,10 +20,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BLOCKS = 4
 
 
-def block(image: torch.Tensor, text: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block(image: torch.Tensor, text: torch.Tensor, shared: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A stand-in for a compiled transformer block: two activations in, two out, returned in the
-    other order (as FLUX's blocks return ``(text, image)`` and take ``image, text``)."""
-    image = torch.tanh(image @ weight) + text.mean(1, keepdim=True)
+    other order (as FLUX's blocks return ``(text, image)`` and take ``image, text``), and ``shared``,
+    the same tensor for every block (as FLUX's timestep embedding)."""
+    image = torch.tanh(image @ weight) * shared + text.mean(1, keepdim=True)
     return text * 0.5 + image[:, : text.shape[1]], image
 
 
@@ -30,19 +33,35 @@ def weights() -> list[nn.Parameter]:
     return [nn.Parameter(torch.randn(64, 64, generator=g).cuda() / 8, requires_grad=False) for _ in range(BLOCKS)]
 
 
-def inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(32, 64, generator=g).cuda(), torch.randn(32, 16, generator=g).cuda()
+    return torch.randn(32, 64, generator=g).cuda(), torch.randn(32, 16, generator=g).cuda(), torch.rand(64, generator=g).cuda() + 0.5
 
 
-def forward(call, image: torch.Tensor, text: torch.Tensor, ws: list[nn.Parameter], keep: dict | None = None) -> torch.Tensor:
-    """The blocks in a chain; ``keep`` collects block 1's outputs (a U-Net's skip connection)."""
+def forward(call, image: torch.Tensor, text: torch.Tensor, shared: torch.Tensor, ws: list[nn.Parameter], keep: dict | None = None,
+            between=None) -> torch.Tensor:
+    """The blocks in a chain; ``keep`` collects block 1's outputs (a U-Net's skip connection);
+    ``between(i, shared)`` runs after block i."""
     for i, w in enumerate(ws):
-        text, image = call(image, text, w)
+        text, image = call(image, text, shared, w)
         if keep is not None and i == 1:
             keep["outputs"] = (text, image)
             keep["values"] = (text.clone(), image.clone())
+        if between is not None:
+            between(i, shared)
     return torch.cat((text, image), 1)
+
+
+class CountCopies(TorchDispatchMode):
+    """Counts the tensor copies made on the host's side (a graph replay dispatches none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += func is torch.ops.aten.copy_.default
+        return func(*args, **(kwargs or {}))
 
 
 def test_chained_calls_read_the_previous_outputs_in_place():
@@ -59,7 +78,7 @@ def test_chained_calls_read_the_previous_outputs_in_place():
         assert not torch.allclose(got, forward(block, *inputs(0), ws))  # inputs differ enough to tell
     captures = [c for cs in replay.captures.values() for c in cs]
     assert len(captures) == BLOCKS
-    assert sorted(len(c.copied) for c in captures) == [0] * (BLOCKS - 1) + [2]
+    assert sorted(len(c.copied) for c in captures) == [1] * (BLOCKS - 1) + [3]
     (buffers,) = replay.buffers.values()
     assert len(buffers.output_sets) == 2
 
@@ -91,3 +110,55 @@ def test_outputs_a_caller_keeps_are_not_overwritten():
         for seed in range(12, 14):
             torch.testing.assert_close(forward(call, *inputs(seed), ws), forward(block, *inputs(seed), ws), rtol=1e-5, atol=1e-5)
         assert sum(map(len, replay.captures.values())) == captures and len(buffers.output_sets) == held_sets
+
+
+def test_a_tensor_every_block_is_passed_is_copied_once_per_chain():
+    """Blocks after the first skip copying the tensor they share with it while it is unchanged; a
+    change in place (between forwards or between two blocks) or another tensor is copied again, so
+    every forward still equals the plain calls."""
+    ws = weights()
+    replay = GraphReplay(block)
+    call = lambda *a: replay(list(a))  # noqa: E731
+    with torch.no_grad():
+        for seed in range(3):
+            forward(call, *inputs(seed), ws)
+        image, text, shared = inputs(5)
+        with CountCopies() as counted:
+            got = forward(call, image, text, shared, ws)
+        torch.testing.assert_close(got, forward(block, image, text, shared, ws), rtol=1e-5, atol=1e-5)
+        assert counted.copies == 3  # the first block's three inputs; the others read the shared one's copy
+
+        for change_shared in (lambda: shared.mul_(1.5), lambda: shared.data.mul_(1.5)):  # between forwards; the second keeps the version
+            change_shared()
+            torch.testing.assert_close(forward(call, image, text, shared, ws), forward(block, image, text, shared, ws), rtol=1e-5, atol=1e-5)
+
+        def change(i: int, s: torch.Tensor) -> None:
+            if i == 1:
+                s.add_(0.25)
+
+        got = forward(call, image, text, shared.clone(), ws, between=change)
+        torch.testing.assert_close(got, forward(block, image, text, shared.clone(), ws, between=change), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, forward(block, image, text, shared, ws))  # the change shows
+        torch.testing.assert_close(forward(call, image, text, shared + 0, ws), forward(block, image, text, shared, ws), rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_that_writes_into_its_inputs_runs_uncaptured(caplog):
+    """A replay would write the input buffer, not the caller's tensor: such a graph is found at its
+    first call and runs uncaptured, with the caller seeing every write."""
+
+    def scaling_block(image, text, shared, weight):
+        text.mul_(0.5)
+        return block(image, text, shared, weight)
+
+    ws = weights()
+    replay = GraphReplay(scaling_block)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="svdq_compile"):
+        for seed in range(3):
+            image, text, shared = inputs(seed)
+            got = forward(lambda *a: replay(list(a)), image, text, shared, ws)
+            image2, text2, shared2 = inputs(seed)
+            want = forward(scaling_block, image2, text2, shared2, ws)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(text, text2)  # the first block's write reached the caller's tensor
+    assert not replay.captures
+    assert "writes into its input tensors" in caplog.text
