@@ -8,6 +8,8 @@ Run on the GPU machine: ``pytest tests/test_cuda_graphs_gpu.py``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -52,6 +54,17 @@ def forward(call, image: torch.Tensor, text: torch.Tensor, shared: torch.Tensor,
     return torch.cat((text, image), 1)
 
 
+def captured(fn: Callable, ws: list[nn.Parameter]) -> tuple[GraphReplay, Callable]:
+    """``fn`` behind a ``GraphReplay`` and a call of it as the blocks call it, after three forwards
+    (uncaptured, captured, replayed)."""
+    replay = GraphReplay(fn)
+    call = lambda *a: replay(list(a))  # noqa: E731
+    with torch.no_grad():
+        for seed in range(3):
+            forward(call, *inputs(seed), ws)
+    return replay, call
+
+
 class CountCopies(TorchDispatchMode):
     """Counts the tensor copies made on the host's side (a graph replay dispatches none)."""
 
@@ -88,11 +101,8 @@ def test_outputs_a_caller_keeps_are_not_overwritten():
     forwards reads them unchanged: replays write other output sets while those are held, and the
     kept sets are used again once released."""
     ws = weights()
-    replay = GraphReplay(block)
-    call = lambda *a: replay(list(a))  # noqa: E731
+    replay, call = captured(block, ws)
     with torch.no_grad():
-        for seed in range(3):
-            forward(call, *inputs(seed), ws)
         first, second = {}, {}
         forward(call, *inputs(10), ws, keep=first)
         view_only = first["outputs"][1][5:]
@@ -117,11 +127,8 @@ def test_a_tensor_every_block_is_passed_is_copied_once_per_chain():
     change in place (between forwards or between two blocks) or another tensor is copied again, so
     every forward still equals the plain calls."""
     ws = weights()
-    replay = GraphReplay(block)
-    call = lambda *a: replay(list(a))  # noqa: E731
+    _, call = captured(block, ws)
     with torch.no_grad():
-        for seed in range(3):
-            forward(call, *inputs(seed), ws)
         image, text, shared = inputs(5)
         with CountCopies() as counted:
             got = forward(call, image, text, shared, ws)
