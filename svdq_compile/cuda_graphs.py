@@ -178,7 +178,7 @@ class GraphReplay:
             if key.seen not in self.seen or sum(map(len, self.captures.values())) >= MAX_GRAPHS:
                 if len(self.seen) >= 4 * MAX_GRAPHS:  # keys that never come back (a float argument that changes every call)
                     self.seen.clear()
-                if key.seen in self.seen:
+                if key.seen in self.seen:  # seen, but past MAX_GRAPHS: no more captures
                     return self.fn(*args)
                 out = self._first_call(args, static_extra)
                 if self.disabled is None:
