@@ -1,11 +1,12 @@
-"""When ``GraphReplay``'s input buffers copy a tensor in (on CPU: the buffers are plain tensors).
+"""When ``GraphReplay``'s input buffers copy a tensor in, and when a first call turns captures off (on
+CPU: the buffers are plain tensors).
 The replays themselves are tested on a GPU, in ``test_cuda_graphs_gpu.py``."""
 
 from __future__ import annotations
 
 import torch
 
-from svdq_compile.cuda_graphs import _InputBuffer
+from svdq_compile.cuda_graphs import GraphReplay, _InputBuffer
 
 
 def test_an_input_buffer_copies_unless_it_holds_the_same_tensor_unchanged_within_a_chain():
@@ -27,3 +28,20 @@ def test_inference_tensors_are_always_copied():
     buffer = _InputBuffer(temb)
     assert buffer.fill(temb, chained=False) and buffer.fill(temb, chained=True)
     assert torch.equal(buffer.tensor, temb)
+
+
+def test_a_first_call_that_writes_into_an_activation_turns_the_captures_off(caplog):
+    """A call's activations are copied before a replay: a graph that writes one would write the
+    copy. Writes into parameters are fine (read in place) and a graph that writes nothing keeps
+    its captures."""
+    weight = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+    x = torch.randn(4)
+    reads = GraphReplay(lambda x, w: [x * w])
+    reads._first_call([x, weight], 0)
+    scales_weight = GraphReplay(lambda x, w: [x * w.mul_(2)])
+    scales_weight._first_call([x, weight], 0)
+    assert reads.disabled is None and scales_weight.disabled is None
+    writes = GraphReplay(lambda x, w: [x.mul_(2) * w])
+    with caplog.at_level("WARNING", logger="svdq_compile"):
+        writes._first_call([x, weight], 0)
+    assert writes.disabled is not None and "writes into its input tensors" in caplog.text
