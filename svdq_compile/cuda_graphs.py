@@ -228,8 +228,7 @@ class GraphReplay:
     def _first_call(self, args: Sequence[Any], static_extra: int) -> Any:
         """Run a call seen for the first time uncaptured; disable captures if it wrote into an
         activation (a compiled graph bumps the version of each input it writes)."""
-        first_static = len(args) - static_extra
-        activations = [a for i, a in enumerate(args) if isinstance(a, Tensor) and not _read_in_place(a, i, first_static) and not a.is_inference()]
+        activations = [args[i] for i in _activations(args, static_extra) if not args[i].is_inference()]
         versions = [a._version for a in activations]
         out = self.fn(*args)
         if any(a._version != v for a, v in zip(activations, versions)):
@@ -238,8 +237,7 @@ class GraphReplay:
         return out
 
     def _capture(self, key: _Key, args: Sequence[Any], static_extra: int) -> _Capture | None:
-        first_static = len(args) - static_extra
-        activations = [i for i, a in enumerate(args) if isinstance(a, Tensor) and not _read_in_place(a, i, first_static)]
+        activations = _activations(args, static_extra)
         buffers = self.buffers.get(key.signature)
         if buffers is None:
             if len(self.buffers) >= MAX_SHAPES:
@@ -295,6 +293,12 @@ class GraphReplay:
             self.output_at.clear()
             self.seen.clear()
             self.pool = None
+
+
+def _activations(args: Sequence[Any], static_extra: int) -> list[int]:
+    """The positions of a call's tensors that are neither parameters nor quantized operands."""
+    first_static = len(args) - static_extra
+    return [i for i, a in enumerate(args) if isinstance(a, Tensor) and not _read_in_place(a, i, first_static)]
 
 
 def _read_in_place(arg: Tensor, index: int, first_static: int) -> bool:
