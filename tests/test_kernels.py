@@ -356,6 +356,7 @@ def test_gemv_configs_only_for_two_level_and_up_to_four_tokens():
     with pytest.raises(ValueError, match="two-level scales"):
         gk.w4a4_gemm(*groups, torch.bfloat16, config=GEMV_CONFIGS[0])
 
+
 @pytest.mark.parametrize(
     "tiles,programs,k_tiles,expected",
     [(432, 132, 120, (396, 3)), (432, 132, 2, (396, 2)), (384, 132, 96, (384, 1)), (264, 132, 24, (264, 1)),

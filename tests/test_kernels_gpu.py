@@ -68,6 +68,7 @@ def test_w4a4_gemm_gemv_flux_shapes(fp8, m, n, k):
         bad = ~((gk.w4a4_gemm(*args, torch.bfloat16, config=cfg).float() - ref).abs() <= bound)
         assert not bad.any(), f"{cfg}: {int(bad.sum())} of {bad.numel()} outside the bound"
 
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
 @pytest.mark.parametrize("gelu", [(0, 0), (1000, 2900)], ids=["plain", "gelu"])
 @pytest.mark.parametrize("m,n,k,split_k", [(4608, 3072, 15360, 1), (4608, 3072, 3072, 1), (512, 3072, 12288, 2), (512, 3072, 3072, 4)])
