@@ -738,13 +738,24 @@ def _refuse_copy(name: str, memo: dict) -> None:
 
 
 def _inductor_patches(mode: str | None) -> dict[str, Any]:
-    """Inductor config that ``torch.compile(mode=...)`` applies, with a clear error on a typo."""
+    """Inductor config the backend compiles with: what ``torch.compile(mode=...)`` applies (a clear
+    error on a typo), and kernels that write no buffer they read.
+
+    Why out of place: Inductor's autotuner times a kernel together with clones of the buffers it
+    writes in place, so between such a kernel's configs it picks by noise. FLUX's q/k RMS norm and
+    RoPE kernel ran at 80 us or 103 us per launch from one compile to the next, about 1 ms per
+    forward (benchmarks/KERNEL_NOTES.md, v20); out of place, the timings are the kernel's own.
+
+    Example:
+        >>> _inductor_patches("reduce-overhead")
+        {'triton.cudagraphs': True, 'inplace_buffers': False}
+    """
     from torch._inductor import list_mode_options
 
     modes = list_mode_options()
     if mode is not None and mode not in modes:
         raise ValueError(f"svdquant: unknown mode {mode!r}; valid modes are {sorted(modes)}")
-    return dict(modes[mode]) if mode else {}
+    return (dict(modes[mode]) if mode else {}) | {"inplace_buffers": False}
 
 
 class _ConfigInCacheKey(CustomGraphPass):  # type: ignore[misc]

@@ -422,7 +422,30 @@ def test_unknown_option_and_mode_are_clear_errors():
         torch.compile(Tiny(), backend="svdquant", options={"rnak": 8})(torch.randn(2, 128))
     with pytest.raises(Exception, match="valid modes"):
         svdq_backend.svdquant_backend(None, [], mode="fastest")
-    assert svdq_backend._inductor_patches("reduce-overhead") == {"triton.cudagraphs": True}
+    assert svdq_backend._inductor_patches("reduce-overhead")["triton.cudagraphs"] is True
+
+
+def test_kernels_write_no_buffer_they_read():
+    """Inductor would write relu(fc2(x)) * 2 into fc2's output buffer (``in_out_ptr``); the backend
+    compiles out of place, where Inductor's autotuner times kernels without cloning their buffers."""
+    from torch._inductor.utils import run_and_get_code
+
+    class ReluTimesTwo(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(128, 128)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x)) * 2
+
+    model, x = ReluTimesTwo().eval(), outlier_input(4, 128)
+    with torch.no_grad():
+        _, plain = run_and_get_code(torch.compile(model, backend="inductor"), x)
+        torch._dynamo.reset()
+        _, ours = run_and_get_code(torch.compile(model, backend="svdquant", options=OPTIONS), x)
+    torch._dynamo.reset()
+    assert "in_out_ptr" in "".join(plain)
+    assert "in_out_ptr" not in "".join(ours)
 
 
 def test_registered_inductor_pass_rewrites_plain_compile_and_composes():
