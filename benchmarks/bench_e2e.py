@@ -284,6 +284,12 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
             result |= profile_forward(model, inputs)
         del forward
         torch.cuda.empty_cache()
+    if name.startswith("svdquant"):
+        # The tuner's picks, so that a change in the GEMMs' time between runs can be traced to them
+        # (picks flipped between runs at FLUX's largest shape: KERNEL_NOTES.md, v20).
+        from svdq_compile.kernels.w4a4_gemm import tuned_configs
+
+        result["gemm_configs"] = {str(key): str(cfg) for key, cfg in tuned_configs().items()}
     return result
 
 
