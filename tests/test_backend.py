@@ -426,7 +426,7 @@ def test_unknown_option_and_mode_are_clear_errors():
 
 
 def test_kernels_write_no_buffer_they_read():
-    """Inductor would write relu(fc2(x)) * 2 into fc2's output buffer (``in_out_ptr``); the backend
+    """Inductor would write relu(fc(x)) * 2 into fc's output buffer (``in_out_ptr``); the backend
     compiles out of place, where Inductor's autotuner times kernels without cloning their buffers."""
     from torch._inductor.utils import run_and_get_code
 
