@@ -24,7 +24,8 @@ Compiled configurations use diffusers' regional compilation (``compile_repeated_
 users take for fast cold starts, except the "whole model" ones: ``torch.compile(model,
 fullgraph=True)``, one graph for the whole forward (for svdquant: one CUDA graph per forward
 instead of one per block). Per configuration: median forward latency (CUDA events, warmed up),
-peak memory, weight memory, compile time (first call, quantization included), and for the quantized
+the time per forward of 28 forwards back to back (a pipeline's steps: each forward's host work at
+its start overlaps the previous one's kernels), peak memory, weight memory, compile time (first call, quantization included), and for the quantized
 ones the median and max per-layer relative output error against bf16 on real inputs of the first
 double and single block (per layer, not end to end: deep random networks amplify any error).
 Prints a Markdown table and writes results.json and e2e.png under --out.
@@ -211,6 +212,26 @@ def time_forward(forward, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def time_steps(forward, steps: int = 28, repeats: int = 3) -> float:
+    """ms per forward of ``steps`` forwards run back to back, as a pipeline's denoising steps run
+    (nothing waits for the GPU between them); the median of ``repeats`` runs. The host's work at
+    each forward's start (diffusers' code before the first block, the first block's call) then
+    overlaps the previous forward's kernels; ``time_forward``'s calls each wait for it."""
+    with torch.no_grad():
+        forward()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(steps):
+                forward()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / steps)
+    return sorted(times)[len(times) // 2]
+
+
 def graphed_forward(model: nn.Module, inputs: dict):
     """The compiled forward captured as one CUDA graph (static inputs): its replay, which runs the
     same kernels with no Python, launch or guard work per call."""
@@ -279,7 +300,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         forward = graphed_forward(model, inputs) if name.endswith("+ CUDA graph") else lambda: model(**inputs)
         ms = time_forward(forward, args.iters)
         activations = torch.cuda.max_memory_allocated() - before
-        result[tokens] = {"ms": ms, "first_call_s": first_call, "weight_gib": weights / 2**30, "peak_gib": (weights + activations) / 2**30}
+        result[tokens] = {"ms": ms, "steps_ms": time_steps(forward), "first_call_s": first_call, "weight_gib": weights / 2**30,
+                          "peak_gib": (weights + activations) / 2**30}
         if args.profile and tokens == args.tokens[0] and not name.endswith("+ CUDA graph"):
             result |= profile_forward(model, inputs)
         del forward
@@ -426,20 +448,31 @@ def plot(rows: list[dict], tokens: int, path: str, device: str) -> None:
 
 
 def table(rows: list[dict], tokens: int) -> str:
+    """The Markdown table of ``rows`` at ``tokens`` image tokens; speed-ups against bf16 Inductor's
+    row, weights against bf16 eager's, where those rows are there.
+
+    Example:
+        >>> row = lambda name, ms, steps: {"config": name, 1024: {"ms": ms, "steps_ms": steps, "weight_gib": 11.4, "peak_gib": 12.0, "first_call_s": 9.0}}
+        >>> print(table([row("bf16 inductor", 30.0, 28.0), row("svdquant", 25.0, 21.0)], 1024).splitlines()[-1])
+        | svdquant | 25.0 | 1.20x | 21.0 (1.33x) | 11.40 | 12.00 | 9.0 | - |
+    """
     base = next((r[tokens]["ms"] for r in rows if r["config"] == "bf16 inductor" and tokens in r), None)
+    base_steps = next((r[tokens].get("steps_ms") for r in rows if r["config"] == "bf16 inductor" and tokens in r), None)
     bf16_w = next((r[tokens]["weight_gib"] for r in rows if r["config"] == "bf16 eager" and tokens in r), None)
     lines = [f"### {tokens} image tokens + {TEXT_TOKENS} text tokens",
-             "| config | ms | speed-up vs bf16 Inductor | weights GiB (x bf16) | peak GiB | first call s | layer err median / max |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| config | ms | speed-up vs bf16 Inductor | ms per step, 28 back to back (speed-up) | weights GiB (x bf16) | peak GiB | first call s | layer err median / max |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if tokens not in r:
-            lines.append(f"| {r['config']} | " + (f"failed: {r['error'][:80]}" if "error" in r else "not run at this size") + " | | | | | |")
+            lines.append(f"| {r['config']} | " + (f"failed: {r['error'][:80]}" if "error" in r else "not run at this size") + " | | | | | | |")
             continue
         m = r[tokens]
         speed = f"{base / m['ms']:.2f}x" if base else "-"
+        steps = m.get("steps_ms")  # results files of earlier runs have none
+        steps = "-" if steps is None else f"{steps:.1f}" + (f" ({base_steps / steps:.2f}x)" if base_steps else "")
         wrel = f" ({m['weight_gib'] / bf16_w:.2f}x)" if bf16_w else ""
         err = f"{r['layer_error_median']:.4f} / {r['layer_error_max']:.4f}" if "layer_error_median" in r else "-"
-        lines.append(f"| {r['config']} | {m['ms']:.1f} | {speed} | {m['weight_gib']:.2f}{wrel} | {m['peak_gib']:.2f} | {m['first_call_s']:.1f} | {err} |")
+        lines.append(f"| {r['config']} | {m['ms']:.1f} | {speed} | {steps} | {m['weight_gib']:.2f}{wrel} | {m['peak_gib']:.2f} | {m['first_call_s']:.1f} | {err} |")
     return "\n".join(lines)
 
 

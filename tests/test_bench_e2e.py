@@ -1,5 +1,5 @@
 """Helpers of benchmarks/bench_e2e.py that run without a GPU: how the profiled forward's kernels
-are sorted into shares of GPU time and into the GPU's idle time before each kernel."""
+are sorted into shares of GPU time and into the GPU's idle time before each kernel, and the table."""
 
 from __future__ import annotations
 
@@ -27,3 +27,13 @@ def test_share_of_names():
     assert bench_e2e.share_of("triton_red_fused_abs_amax_mul_3") == "activation quantize"
     assert bench_e2e.share_of("triton_poi_fused_add_mul_native_layer_norm_1") == "everything else"
     assert bench_e2e.share_of("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "other GEMMs"
+
+
+def test_table_compares_each_timing_with_bf16_inductors_and_leaves_unmeasured_ones_blank():
+    def row(name, ms, steps=None):
+        timings = {"ms": ms, "weight_gib": 11.4, "peak_gib": 12.0, "first_call_s": 9.0}
+        return {"config": name, 4096: timings | ({} if steps is None else {"steps_ms": steps})}
+
+    lines = bench_e2e.table([row("bf16 inductor", 134.0, 130.0), row("svdquant", 100.0, 97.5), row("fp8 rowwise", 101.0)], 4096).splitlines()
+    cells = [line.split(" | ") for line in lines[3:]]
+    assert [c[2:4] for c in cells] == [["1.00x", "130.0 (1.00x)"], ["1.34x", "97.5 (1.33x)"], ["1.33x", "-"]]
