@@ -428,6 +428,9 @@ def plot(rows: list[dict], tokens: int, path: str, device: str) -> None:
     # the wall time, the forward waits on the CPU (Python, launches), which a CUDA graph removes.
     gpu = [r.get("gpu_ms") for r in shown]
     axes[0].scatter([g for g in gpu if g], [n for n, g in zip(names, gpu) if g], color="black", marker="|", s=300, label="GPU kernel time", zorder=3)
+    steps = [r[tokens].get("steps_ms") for r in shown]
+    axes[0].scatter([s for s in steps if s], [n for n, s in zip(names, steps) if s], color="tab:red", marker="D", s=30,
+                    label="per step, 28 back to back", zorder=4)
     for y, ms in enumerate(wall):
         axes[0].text(ms, y, f" {ms:.0f}", va="center", fontsize=8)
     # A log scale only where the rows span more than 10x (int4 weight-only takes seconds).
