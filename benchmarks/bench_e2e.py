@@ -196,20 +196,26 @@ def layer_errors(layers: dict[str, nn.Linear], inputs: dict[str, torch.Tensor], 
     return errors
 
 
+def _median_ms(run, repeats: int) -> float:
+    """Median ms of ``repeats`` calls of ``run()``, CUDA-event timed; each starts after the GPU has
+    finished the one before."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def time_forward(forward, iters: int) -> float:
     """Median ms of ``iters`` calls of ``forward()``, CUDA-event timed, after warm-up."""
     with torch.no_grad():
         for _ in range(3):
             forward()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            forward()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        return _median_ms(forward, iters)
 
 
 def time_steps(forward, steps: int = 28, repeats: int = 3) -> float:
@@ -217,19 +223,15 @@ def time_steps(forward, steps: int = 28, repeats: int = 3) -> float:
     (nothing waits for the GPU between them); the median of ``repeats`` runs. The host's work at
     each forward's start (diffusers' code before the first block, the first block's call) then
     overlaps the previous forward's kernels; ``time_forward``'s calls each wait for it."""
+
+    def run_steps() -> None:
+        for _ in range(steps):
+            forward()
+
     with torch.no_grad():
         forward()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(steps):
-                forward()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / steps)
-    return sorted(times)[len(times) // 2]
+        torch.cuda.synchronize()
+        return _median_ms(run_steps, repeats) / steps
 
 
 def graphed_forward(model: nn.Module, inputs: dict):
@@ -459,8 +461,8 @@ def table(rows: list[dict], tokens: int) -> str:
         >>> print(table([row("bf16 inductor", 30.0, 28.0), row("svdquant", 25.0, 21.0)], 1024).splitlines()[-1])
         | svdquant | 25.0 | 1.20x | 21.0 (1.33x) | 11.40 | 12.00 | 9.0 | - |
     """
-    base = next((r[tokens]["ms"] for r in rows if r["config"] == "bf16 inductor" and tokens in r), None)
-    base_steps = next((r[tokens].get("steps_ms") for r in rows if r["config"] == "bf16 inductor" and tokens in r), None)
+    bf16_inductor = next((r[tokens] for r in rows if r["config"] == "bf16 inductor" and tokens in r), {})
+    base, base_steps = bf16_inductor.get("ms"), bf16_inductor.get("steps_ms")
     bf16_w = next((r[tokens]["weight_gib"] for r in rows if r["config"] == "bf16 eager" and tokens in r), None)
     lines = [f"### {tokens} image tokens + {TEXT_TOKENS} text tokens",
              "| config | ms | speed-up vs bf16 Inductor | ms per step, 28 back to back (speed-up) | weights GiB (x bf16) | peak GiB | first call s | layer err median / max |",
