@@ -408,6 +408,39 @@ def test_a_gluon_kernel_that_does_not_build_leaves_the_triton_kernels(monkeypatc
     assert "PassManager" in gk._wgmma_build_error
 
 
+def test_the_tuner_ranks_close_configs_by_their_second_timings(monkeypatch):
+    """A config whose first timing came at boost clocks (after an idle moment) is not picked over
+    one that is faster under sustained load, configs far slower in the first pass or behind the
+    four fastest are not timed again, and the second pass reads copies of the weight in turn. (No GPU here: the timer runs each
+    launch under the interpreter and makes up its time.)"""
+    candidates = gk._candidate_configs(300, True, 0)
+    boosted, slow = candidates[3], candidates[-1]
+    timed = []
+
+    def fake_bench(fn):
+        fn()
+        cfg = launched[-1]
+        ms = 2.0 if cfg == slow else 0.95 if cfg == boosted and cfg not in timed else 1.0 + 0.01 * candidates.index(cfg)
+        timed.append(cfg)
+        return ms
+
+    launched, weights = [], []
+    original_launch = gk._launch
+    monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), weights.append(args[2]), original_launch(args, *rest))[2])
+    monkeypatch.setattr(gk, "_gpu_ms", fake_bench)
+    args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(8))
+    monkeypatch.setattr(gk, "_l2_bytes", lambda device: args[2].nbytes * 3 // 2)  # twice that is three weights
+    out = torch.empty(300, 40, dtype=torch.bfloat16)
+    chosen = gk._tune((*args, out), ("test",), 300, 40, 128, 16, 0, 0, True, (0, 0), torch.bfloat16)
+    assert chosen == candidates[0]
+    assert timed.count(boosted) == 3 and timed.count(slow) == 1
+    assert timed.count(candidates[4]) == 1  # close, but not among the four fastest first timings
+    first_pass = len(candidates)
+    assert all(w is args[2] for w in weights[:first_pass])
+    second = weights[first_pass:]  # cycles through the weight and two copies of it
+    assert len({w.data_ptr() for w in second}) == 3 and all(torch.equal(w, args[2]) for w in second)
+
+
 @pytest.mark.parametrize("n256_scale", [1.5, 1 + 2**-10], ids=["strays", "agrees"])
 def test_a_256_wide_candidate_is_picked_only_if_it_reproduces_the_first(n256_scale, monkeypatch):
     """The 256-wide wgmma candidates (for int8 an instruction renamed in the PTX by
