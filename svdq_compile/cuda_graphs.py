@@ -13,7 +13,9 @@ call with those weights and shapes captures the graph (the first ran it eagerly:
 and weights freed by then); later calls replay it.
 
 Activations are handed from block to block without copies. A replay writes its outputs into a set
-of output buffers and returns them (aliases, not copies); a later call that passes such a buffer
+of output buffers and returns them (aliases, not copies). Where the compiled graph takes the buffers
+as arguments (``write_outputs_into_buffers``), the kernels that compute the outputs store into them;
+otherwise the capture copies each output in. A later call that passes such a buffer
 (the next block reading the previous block's output) is captured reading it in place. Any other
 tensor is copied into an input buffer before the replay, once per chain of blocks: a block that
 reads its predecessor's output is passed the tensors the chain's first block was (FLUX's timestep
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 log = logging.getLogger("svdq_compile")
@@ -152,14 +154,21 @@ class GraphReplay:
     Output buffers of earlier replays are read in place too; every other tensor is copied into an
     input buffer before each replay.
 
+    With ``output_layouts`` (shape, stride, dtype of each output), ``fn`` takes a buffer for each
+    output after its arguments and writes the outputs there (``write_outputs_into_buffers``).
+
     Example:
         >>> replay = GraphReplay(lambda x, w: [x @ w])
         >>> replay([torch.ones(2, 3), nn.Parameter(torch.ones(3, 4))])[0].shape  # on CPU: a plain call
         torch.Size([2, 4])
+        >>> into = GraphReplay(lambda x, w, out: out.copy_(x @ w), output_layouts=[((2, 4), (4, 1), torch.float32)])
+        >>> into([torch.ones(2, 3), nn.Parameter(torch.ones(3, 4))])[0].sum().item()
+        24.0
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], output_layouts: list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]] | None = None) -> None:
         self.fn = fn
+        self.output_layouts = output_layouts
         # calls run uncaptured so far -> the layouts of their output tensors (meta tensors)
         self.seen: dict[tuple, list[Tensor]] = {}
         self.captures: dict[tuple, list[_Capture]] = {}
@@ -172,26 +181,35 @@ class GraphReplay:
         """Run ``fn(*args)``; the last ``static_extra`` args are static too (quantized operands)."""
         key = self._key(args, static_extra)
         if key is None:
-            return self.fn(*args)
+            return self._run(args)
         capture = next((c for c in self.captures.get(key.full, ()) if not c.output_set.busy()), None)
         if capture is None:
             if key.seen not in self.seen or sum(map(len, self.captures.values())) >= MAX_GRAPHS:
                 if len(self.seen) >= 4 * MAX_GRAPHS:  # keys that never come back (a float argument that changes every call)
                     self.seen.clear()
                 if key.seen in self.seen:  # seen, but past MAX_GRAPHS: no more captures
-                    return self.fn(*args)
+                    return self._run(args)
                 out = self._first_call(args, static_extra)
                 if self.disabled is None:
                     self.seen[key.seen] = [torch.empty_like(t, device="meta") for t in _tensors_of(out)[0]]
                 return out
             capture = self._capture(key, args, static_extra)
             if capture is None:
-                return self.fn(*args)
+                return self._run(args)
         for i, buffer in capture.copied:
             buffer.fill(args[i], chained=bool(key.in_place))
         capture.graph.replay()
         out = [capture.output_set.tensors[o].detach() if isinstance(o, _Index) else o for o in capture.outputs]
         return tuple(out) if capture.as_tuple else out
+
+    def _run(self, args: Sequence[Any]) -> Any:
+        """An uncaptured call; with ``output_layouts``, into new output tensors."""
+        if self.output_layouts is None:
+            return self.fn(*args)
+        device = next(a.device for a in args if isinstance(a, Tensor))
+        outputs = tuple(torch.empty_strided(shape, stride, dtype=dtype, device=device) for shape, stride, dtype in self.output_layouts)
+        self.fn(*args, *outputs)
+        return outputs
 
     def _key(self, args: Sequence[Any], static_extra: int) -> _Key | None:
         """The capture key of a call, or None when it must run uncaptured."""
@@ -230,7 +248,7 @@ class GraphReplay:
         activation (a compiled graph bumps the version of each input it writes)."""
         activations = [args[i] for i in _activations(args, static_extra) if not args[i].is_inference()]
         versions = [a._version for a in activations]
-        out = self.fn(*args)
+        out = self._run(args)
         if any(a._version != v for a, v in zip(activations, versions)):
             self.disabled = "the compiled graph writes into its input tensors"
             log.warning("svdquant: %s, so its calls run without CUDA graphs (their replays would write copies, not the caller's tensors)", self.disabled)
@@ -265,14 +283,18 @@ class GraphReplay:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self.fn(*call_args)
-                out_type = type(out)
-                flat, outputs = _tensors_of(out)
-                if [(t.shape, t.dtype) for t in flat] != [(b.shape, b.dtype) for b in output_set.tensors]:
-                    raise RuntimeError("calls with the same input shapes returned different output shapes")
-                for target, tensor in zip(output_set.tensors, flat):
-                    target.copy_(tensor)
-                del out, flat  # the call's own outputs go back to the pool for the next capture
+                if self.output_layouts is not None:  # the kernels store into the output set
+                    self.fn(*call_args, *output_set.tensors)
+                    out_type, outputs = tuple, [_Index(i) for i in range(len(output_set.tensors))]
+                else:
+                    out = self.fn(*call_args)
+                    out_type = type(out)
+                    flat, outputs = _tensors_of(out)
+                    if [(t.shape, t.dtype) for t in flat] != [(b.shape, b.dtype) for b in output_set.tensors]:
+                        raise RuntimeError("calls with the same input shapes returned different output shapes")
+                    for target, tensor in zip(output_set.tensors, flat):
+                        target.copy_(tensor)
+                    del out, flat  # the call's own outputs go back to the pool for the next capture
         except Exception as exc:  # an op that cannot be captured: run uncaptured from now on
             self.disabled = f"{type(exc).__name__}: {exc}"
             log.warning("svdquant: CUDA graph capture failed, running uncaptured (options cuda_graphs=False silences this): %s", self.disabled)
@@ -293,6 +315,55 @@ class GraphReplay:
             self.output_at.clear()
             self.seen.clear()
             self.pool = None
+
+
+def write_outputs_into_buffers(gm: fx.GraphModule) -> list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]] | None:
+    """Rewrite a Dynamo graph so that it writes its outputs into buffers passed after its inputs
+    (``copy_`` into new placeholders) and returns nothing. Returns each output's (shape, stride,
+    dtype) for ``GraphReplay``; None, leaving the graph as it was, unless every output is a new
+    tensor of static shape that shares memory with no input and no other output.
+
+    Why: Inductor then stores each output from the kernel that computes it into the buffer that a
+    capture hands on to the next block, where the capture copied it there before (0.9 ms per FLUX
+    forward at 1024x1024 on an H200, ``memcpy128``: benchmarks/KERNEL_NOTES.md v19).
+
+    Example:
+        >>> gm = fx.symbolic_trace(lambda x: (x + 1,))
+        >>> for node in gm.graph.nodes:
+        ...     node.meta["example_value"] = torch.empty(2, 3)
+        >>> write_outputs_into_buffers(gm)
+        [((2, 3), (3, 1), torch.float32)]
+        >>> out = torch.empty(2, 3); _ = gm(torch.zeros(2, 3), out); out.sum().item()
+        6.0
+    """
+    graph = gm.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    output = next(iter(graph.find_nodes(op="output")))
+    values = output.args[0]
+    if not isinstance(values, (tuple, list)) or not values or not placeholders:
+        return None
+    examples = [v.meta.get("example_value") if isinstance(v, fx.Node) else None for v in values]
+    if not all(isinstance(e, Tensor) for e in examples):
+        return None
+    if not all(isinstance(d, int) for e in examples for d in (*e.shape, *e.stride())):
+        return None  # symbolic sizes: the buffers could not be made before the call
+    inputs = {StorageWeakRef(p.meta["example_value"].untyped_storage()) for p in placeholders if isinstance(p.meta.get("example_value"), Tensor)}
+    storages = [StorageWeakRef(e.untyped_storage()) for e in examples]
+    if len(set(storages)) < len(storages) or inputs.intersection(storages):
+        return None  # an output that is an input, a view of one, or a view of another output
+    last, buffers = placeholders[-1], []
+    for i, example in enumerate(examples):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"svdq_output_{i}")
+        last.meta["example_value"] = example
+        last._dynamo_source = None  # an input Dynamo did not trace, like the quantized operands
+        buffers.append(last)
+    with graph.inserting_before(output):
+        for buffer, value in zip(buffers, values):
+            graph.call_function(torch.ops.aten.copy_.default, (buffer, value))
+    output.args = ((),)
+    gm.recompile()
+    return [(tuple(e.shape), tuple(e.stride()), e.dtype) for e in examples]
 
 
 def _activations(args: Sequence[Any], static_extra: int) -> list[int]:
@@ -321,4 +392,4 @@ class _Index(int):
     """Marks an output position that holds a tensor (the position in the output set)."""
 
 
-__all__ = ["GraphReplay", "MAX_GRAPHS", "MAX_OUTPUT_SETS", "MAX_SHAPES"]
+__all__ = ["GraphReplay", "MAX_GRAPHS", "MAX_OUTPUT_SETS", "MAX_SHAPES", "write_outputs_into_buffers"]

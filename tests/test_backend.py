@@ -425,18 +425,19 @@ def test_unknown_option_and_mode_are_clear_errors():
     assert svdq_backend._inductor_patches("reduce-overhead")["triton.cudagraphs"] is True
 
 
+class ReluTimesTwo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(128, 128)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) * 2
+
+
 def test_kernels_write_no_buffer_they_read():
     """Inductor would write relu(fc(x)) * 2 into fc's output buffer (``in_out_ptr``); the backend
     compiles out of place, where Inductor's autotuner times kernels without cloning their buffers."""
     from torch._inductor.utils import run_and_get_code
-
-    class ReluTimesTwo(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(128, 128)
-
-        def forward(self, x):
-            return torch.relu(self.fc(x)) * 2
 
     model, x = ReluTimesTwo().eval(), outlier_input(4, 128)
     with torch.no_grad():
@@ -446,6 +447,23 @@ def test_kernels_write_no_buffer_they_read():
     torch._dynamo.reset()
     assert "in_out_ptr" in "".join(plain)
     assert "in_out_ptr" not in "".join(ours)
+
+
+def test_the_graph_writes_its_outputs_into_the_replays_buffers():
+    """With the backend's CUDA graphs on (the default), the compiled graph returns nothing and
+    writes its output into a buffer the replay passes in (here its uncaptured path, on CPU), from
+    the kernel that computes it; the same values as the graph that returns its output."""
+    from torch._inductor.utils import run_and_get_code
+
+    model, x = ReluTimesTwo().eval(), outlier_input(4, 128)
+    results = {}
+    for cuda_graphs in (True, False):
+        with torch.no_grad():
+            out, code = run_and_get_code(torch.compile(model, backend="svdquant", options=OPTIONS | {"cuda_graphs": cuda_graphs, "free_weights": False}), x)
+        torch._dynamo.reset()
+        results[cuda_graphs] = out, "".join(code)
+    assert torch.equal(results[True][0], results[False][0])
+    assert "return ()" in results[True][1] and "return ()" not in results[False][1]
 
 
 def test_registered_inductor_pass_rewrites_plain_compile_and_composes():

@@ -1,12 +1,14 @@
-"""When ``GraphReplay``'s input buffers copy a tensor in, and when a first call turns captures off (on
-CPU: the buffers are plain tensors).
+"""When ``GraphReplay``'s input buffers copy a tensor in, when a first call turns captures off, and
+which graphs write their outputs into buffers passed in (on CPU: the buffers are plain tensors).
 The replays themselves are tested on a GPU, in ``test_cuda_graphs_gpu.py``."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import fx
 
-from svdq_compile.cuda_graphs import GraphReplay, _InputBuffer
+from svdq_compile.cuda_graphs import GraphReplay, _InputBuffer, write_outputs_into_buffers
 
 
 def test_an_input_buffer_copies_unless_it_holds_the_same_tensor_unchanged_within_a_chain():
@@ -45,3 +47,47 @@ def test_a_first_call_that_writes_into_an_activation_turns_the_captures_off(capl
     with caplog.at_level("WARNING", logger="svdq_compile"):
         writes._first_call([x, weight], 0)
     assert writes.disabled is not None and "writes into its input tensors" in caplog.text
+
+
+def dynamo_graph(fn, *args, dynamic: bool = False) -> fx.GraphModule:
+    """The FX graph Dynamo makes of ``fn`` (with its example values), compiled nowhere."""
+    graphs = []
+    with torch.no_grad():
+        torch.compile(fn, backend=lambda gm, example_inputs: graphs.append(gm) or gm, dynamic=dynamic)(*args)
+    torch._dynamo.reset()
+    return graphs[0]
+
+
+def test_a_graph_writes_its_new_outputs_into_buffers_passed_after_its_inputs():
+    x, y = torch.randn(4, 6), torch.randn(6, 3)
+    gm = dynamo_graph(lambda x, y: (torch.tanh(x) * 2, (x @ y).t()), x, y)
+    layouts = write_outputs_into_buffers(gm)
+    assert layouts == [((4, 6), (6, 1), torch.float32), ((3, 4), (1, 3), torch.float32)]
+    outputs = [torch.empty_strided(shape, stride, dtype=dtype) for shape, stride, dtype in layouts]
+    assert gm(x, y, *outputs) == ()
+    torch.testing.assert_close(outputs[0], torch.tanh(x) * 2)
+    torch.testing.assert_close(outputs[1], (x @ y).t())
+    # The replay's uncaptured path makes the buffers and returns them.
+    torch.testing.assert_close(GraphReplay(gm, layouts)([x, y])[1], (x @ y).t())
+
+
+def view_of_an_input(x):
+    return x + 1, x.view(-1)
+
+
+def two_views_of_one_tensor(x):
+    y = x * 2
+    return y, y[1:]
+
+
+@pytest.mark.parametrize("fn", [view_of_an_input, two_views_of_one_tensor])
+def test_outputs_that_share_memory_stay_the_graphs_own(fn):
+    gm = dynamo_graph(fn, torch.randn(4, 4))
+    code = gm.code
+    assert write_outputs_into_buffers(gm) is None
+    assert gm.code == code
+
+
+def test_symbolic_output_shapes_stay_the_graphs_own():
+    gm = dynamo_graph(lambda x: (x * 2,), torch.randn(5, 4), dynamic=True)
+    assert write_outputs_into_buffers(gm) is None
