@@ -55,6 +55,8 @@ MAX_GRAPHS = 1024
 MAX_SHAPES = 16
 MAX_OUTPUT_SETS = 64
 
+OutputLayout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]  # an output's shape, stride and dtype
+
 
 class _OutputSet:
     """Output buffers that one replay writes and returns; busy while anything else holds one.
@@ -166,7 +168,7 @@ class GraphReplay:
         24.0
     """
 
-    def __init__(self, fn: Callable[..., Any], output_layouts: list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]] | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], output_layouts: list[OutputLayout] | None = None) -> None:
         self.fn = fn
         self.output_layouts = output_layouts
         # calls run uncaptured so far -> the layouts of their output tensors (meta tensors)
@@ -317,7 +319,7 @@ class GraphReplay:
             self.pool = None
 
 
-def write_outputs_into_buffers(gm: fx.GraphModule) -> list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]] | None:
+def write_outputs_into_buffers(gm: fx.GraphModule) -> list[OutputLayout] | None:
     """Rewrite a Dynamo graph so that it writes its outputs into buffers passed after its inputs
     (``copy_`` into new placeholders) and returns nothing. Returns each output's (shape, stride,
     dtype) for ``GraphReplay``; None, leaving the graph as it was, unless every output is a new
