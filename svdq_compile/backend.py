@@ -856,11 +856,8 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
     # buffer; for inference the graph writes its outputs there itself. (A graph compiled with grad
     # enabled is differentiated through its outputs, which must stay its own.)
     replayed = bool(provider.layers) and config.cuda_graphs and not patches.get("triton.cudagraphs")
-    output_layouts = write_outputs_into_buffers(gm) if replayed and not torch.is_grad_enabled() else None
-    buffers = []
-    if output_layouts is not None:
-        device = next(t.device for t in example_inputs if isinstance(t, Tensor))
-        buffers = [torch.empty_strided(shape, stride, dtype=dtype, device=device) for shape, stride, dtype in output_layouts]
+    buffered = write_outputs_into_buffers(gm) if replayed and not torch.is_grad_enabled() else None
+    buffers = [] if buffered is None else buffered.allocate(next(t.device for t in example_inputs if isinstance(t, Tensor)))
     start = time.perf_counter()
     compiled = compile_fx(gm, [*example_inputs, *provider.extra_inputs, *buffers], config_patches=patches)
     summary.compile_seconds = time.perf_counter() - start
@@ -868,7 +865,7 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
     recent_summaries.append(summary)
     if not provider.layers:
         return compiled
-    replay = GraphReplay(compiled, output_layouts) if replayed else None
+    replay = GraphReplay(compiled, buffered) if replayed else None
     weight_layouts = [(t.dtype, tuple(t.shape)) for t in provider.extra_inputs[:: len(_OPERAND_FIELDS)]]
     return _RuntimeCall(compiled, provider.layers, provider.shared_input_sets(), config, weight_layouts, replay)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from svdq_compile.cuda_graphs import GraphReplay
+from svdq_compile.cuda_graphs import BufferedOutputs, GraphReplay
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -31,20 +31,27 @@ def block(image: torch.Tensor, text: torch.Tensor, shared: torch.Tensor, weight:
     return text * 0.5 + image[:, : text.shape[1]], image
 
 
-def block_into(image: torch.Tensor, text: torch.Tensor, shared: torch.Tensor, weight: torch.Tensor, text_out: torch.Tensor,
-               image_out: torch.Tensor) -> tuple[()]:
+def block_into(image: torch.Tensor, text: torch.Tensor, shared: torch.Tensor, weight: torch.Tensor, *buffers: torch.Tensor) -> tuple[()]:
     """``block`` writing its outputs into the buffers it is passed, as a graph rewritten by
-    ``write_outputs_into_buffers`` does."""
+    ``write_outputs_into_buffers`` does: one buffer per output, or both side by side in one."""
     new_text, new_image = block(image, text, shared, weight)
-    text_out.copy_(new_text)
-    image_out.copy_(new_image)
+    if len(buffers) == 2:
+        buffers[0].copy_(new_text)
+        buffers[1].copy_(new_image)
+    else:
+        torch.cat((new_text, new_image), 1, out=buffers[0])
     return ()
 
 
-# How each contract's replay is made: the graph returns its outputs, or writes them into buffers.
+F32 = torch.float32
+# How each contract's replay is made: the graph returns its outputs, or writes them into buffers,
+# one each or one for both (the outputs are then views of it, as FLUX's single blocks' are).
 REPLAYS = {
     "returns": lambda: GraphReplay(block),
-    "writes into buffers": lambda: GraphReplay(block_into, [((32, 16), (16, 1), torch.float32), ((32, 64), (64, 1), torch.float32)]),
+    "writes into buffers": lambda: GraphReplay(block_into, BufferedOutputs(
+        (((32, 16), (16, 1), F32), ((32, 64), (64, 1), F32)), ((0, (32, 16), (16, 1), 0), (1, (32, 64), (64, 1), 0)))),
+    "writes views of one buffer": lambda: GraphReplay(block_into, BufferedOutputs(
+        (((32, 80), (80, 1), F32),), ((0, (32, 16), (80, 1), 0), (0, (32, 64), (80, 1), 16)))),
 }
 
 
