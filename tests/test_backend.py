@@ -466,6 +466,26 @@ def test_the_graph_writes_its_outputs_into_the_replays_buffers():
     assert "return ()" in results[True][1] and "return ()" not in results[False][1]
 
 
+def test_flux_blocks_write_their_outputs_into_the_replays_buffers(monkeypatch):
+    """Both of FLUX's block graphs are rewritten under regional compilation: the double block's into
+    a buffer per output, the single block's into one buffer whose rows are its two outputs. The
+    forward equals the one with the backend's CUDA graphs off."""
+    rewritten = []
+    original = svdq_backend.write_outputs_into_buffers
+    monkeypatch.setattr(svdq_backend, "write_outputs_into_buffers", lambda gm: rewritten.append(original(gm)) or rewritten[-1])
+    model = flux_model()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS | {"free_weights": False})
+        out = model(**flux_inputs())[0]
+        torch._dynamo.reset()
+        reference.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS | {"cuda_graphs": False})
+        ref = reference(**flux_inputs())[0]
+    torch._dynamo.reset()
+    assert sorted((len(b.buffers), len(b.views)) for b in rewritten) == [(1, 2), (2, 2)]
+    assert torch.equal(out, ref)
+
+
 def test_registered_inductor_pass_rewrites_plain_compile_and_composes():
     class Previous(torch._inductor.custom_graph_pass.CustomGraphPass):
         calls = 0
