@@ -63,7 +63,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cache, calibration, numerics
 from .config import SVDQuantConfig
-from .cuda_graphs import GraphReplay
+from .cuda_graphs import GraphReplay, write_outputs_into_buffers
 from .passes.base import QuantizedNodes, linear_parts, shared_input_groups
 from .passes.pass_manager import SVDQPassManager
 from .quantized_linear import CalibrationStats, QuantizedLinear
@@ -852,15 +852,20 @@ def svdquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: st
         summary.rewrites = SVDQPassManager(config, provider)(gm.graph)
     gm.recompile()
     _mark_16bit_reads(gm, example_inputs)
+    # Our CUDA graphs (Inductor's, mode="reduce-overhead", replace them) hand each output on in a
+    # buffer; for inference the graph writes its outputs there itself. (A graph compiled with grad
+    # enabled is differentiated through its outputs, which must stay its own.)
+    replayed = bool(provider.layers) and config.cuda_graphs and not patches.get("triton.cudagraphs")
+    buffered = write_outputs_into_buffers(gm) if replayed and not torch.is_grad_enabled() else None
+    buffers = [] if buffered is None else buffered.allocate(next(t.device for t in example_inputs if isinstance(t, Tensor)))
     start = time.perf_counter()
-    compiled = compile_fx(gm, [*example_inputs, *provider.extra_inputs], config_patches=patches)
+    compiled = compile_fx(gm, [*example_inputs, *provider.extra_inputs, *buffers], config_patches=patches)
     summary.compile_seconds = time.perf_counter() - start
     summary.report(free_weights=config.free_weights)
     recent_summaries.append(summary)
     if not provider.layers:
         return compiled
-    # Inductor's own CUDA graphs (mode="reduce-overhead") replace ours.
-    replay = GraphReplay(compiled) if config.cuda_graphs and not patches.get("triton.cudagraphs") else None
+    replay = GraphReplay(compiled, buffered) if replayed else None
     weight_layouts = [(t.dtype, tuple(t.shape)) for t in provider.extra_inputs[:: len(_OPERAND_FIELDS)]]
     return _RuntimeCall(compiled, provider.layers, provider.shared_input_sets(), config, weight_layouts, replay)
 

@@ -13,8 +13,11 @@ call with those weights and shapes captures the graph (the first ran it eagerly:
 and weights freed by then); later calls replay it.
 
 Activations are handed from block to block without copies. A replay writes its outputs into a set
-of output buffers and returns them (aliases, not copies); a later call that passes such a buffer
-(the next block reading the previous block's output) is captured reading it in place. Any other
+of output buffers and returns them (aliases, not copies). Where the compiled graph takes the buffers
+as arguments (``write_outputs_into_buffers``), the kernels that compute the outputs store into them,
+and outputs that view one tensor are returned as views of one buffer; otherwise the capture copies
+each output in. A later call that passes such a buffer or view (the next block reading the previous
+block's output) is captured reading it in place. Any other
 tensor is copied into an input buffer before the replay, once per chain of blocks: a block that
 reads its predecessor's output is passed the tensors the chain's first block was (FLUX's timestep
 embedding and rotary tables), and an input buffer that holds a tensor unchanged since (its version
@@ -41,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 log = logging.getLogger("svdq_compile")
@@ -52,6 +55,32 @@ log = logging.getLogger("svdq_compile")
 MAX_GRAPHS = 1024
 MAX_SHAPES = 16
 MAX_OUTPUT_SETS = 64
+
+
+
+@dataclass(frozen=True)
+class BufferedOutputs:
+    """How a graph rewritten by ``write_outputs_into_buffers`` hands its outputs over: it writes
+    ``buffers`` (shape, stride, dtype of each: one per tensor its outputs are or view), and output
+    i is ``views[i]``, (buffer, shape, stride, storage offset). Outputs that view one tensor (FLUX's
+    single blocks return the text and image rows of one) stay views of one buffer.
+
+    Example:
+        >>> split = BufferedOutputs(buffers=(((6, 2), (2, 1), torch.float32),), views=((0, (2, 2), (2, 1), 0), (0, (4, 2), (2, 1), 4)))
+        >>> [tuple(t.shape) for t in split.outputs(split.allocate(torch.device("cpu")))]
+        [(2, 2), (4, 2)]
+    """
+
+    buffers: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], ...]
+    views: tuple[tuple[int, tuple[int, ...], tuple[int, ...], int], ...]
+
+    def allocate(self, device: torch.device) -> list[Tensor]:
+        """New buffers on ``device``."""
+        return [torch.empty_strided(shape, stride, dtype=dtype, device=device) for shape, stride, dtype in self.buffers]
+
+    def outputs(self, buffers: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """The outputs, as views of ``buffers``."""
+        return tuple(buffers[b].as_strided(shape, stride, offset) for b, shape, stride, offset in self.views)
 
 
 class _OutputSet:
@@ -152,14 +181,21 @@ class GraphReplay:
     Output buffers of earlier replays are read in place too; every other tensor is copied into an
     input buffer before each replay.
 
+    With ``buffered``, ``fn`` takes the buffers its outputs go to after its arguments, writes them
+    and returns nothing (``write_outputs_into_buffers``).
+
     Example:
         >>> replay = GraphReplay(lambda x, w: [x @ w])
         >>> replay([torch.ones(2, 3), nn.Parameter(torch.ones(3, 4))])[0].shape  # on CPU: a plain call
         torch.Size([2, 4])
+        >>> into = GraphReplay(lambda x, w, out: out.copy_(x @ w), BufferedOutputs((((2, 4), (4, 1), torch.float32),), ((0, (2, 4), (4, 1), 0),)))
+        >>> into([torch.ones(2, 3), nn.Parameter(torch.ones(3, 4))])[0].sum().item()
+        24.0
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], buffered: BufferedOutputs | None = None) -> None:
         self.fn = fn
+        self.buffered = buffered
         # calls run uncaptured so far -> the layouts of their output tensors (meta tensors)
         self.seen: dict[tuple, list[Tensor]] = {}
         self.captures: dict[tuple, list[_Capture]] = {}
@@ -172,26 +208,36 @@ class GraphReplay:
         """Run ``fn(*args)``; the last ``static_extra`` args are static too (quantized operands)."""
         key = self._key(args, static_extra)
         if key is None:
-            return self.fn(*args)
+            return self._run(args)
         capture = next((c for c in self.captures.get(key.full, ()) if not c.output_set.busy()), None)
         if capture is None:
             if key.seen not in self.seen or sum(map(len, self.captures.values())) >= MAX_GRAPHS:
                 if len(self.seen) >= 4 * MAX_GRAPHS:  # keys that never come back (a float argument that changes every call)
                     self.seen.clear()
                 if key.seen in self.seen:  # seen, but past MAX_GRAPHS: no more captures
-                    return self.fn(*args)
+                    return self._run(args)
                 out = self._first_call(args, static_extra)
                 if self.disabled is None:
                     self.seen[key.seen] = [torch.empty_like(t, device="meta") for t in _tensors_of(out)[0]]
                 return out
             capture = self._capture(key, args, static_extra)
             if capture is None:
-                return self.fn(*args)
+                return self._run(args)
         for i, buffer in capture.copied:
             buffer.fill(args[i], chained=bool(key.in_place))
         capture.graph.replay()
+        if self.buffered is not None:
+            return self.buffered.outputs(capture.output_set.tensors)
         out = [capture.output_set.tensors[o].detach() if isinstance(o, _Index) else o for o in capture.outputs]
         return tuple(out) if capture.as_tuple else out
+
+    def _run(self, args: Sequence[Any]) -> Any:
+        """An uncaptured call; with ``buffered``, into new buffers."""
+        if self.buffered is None:
+            return self.fn(*args)
+        buffers = self.buffered.allocate(next(a.device for a in args if isinstance(a, Tensor)))
+        self.fn(*args, *buffers)
+        return self.buffered.outputs(buffers)
 
     def _key(self, args: Sequence[Any], static_extra: int) -> _Key | None:
         """The capture key of a call, or None when it must run uncaptured."""
@@ -230,7 +276,7 @@ class GraphReplay:
         activation (a compiled graph bumps the version of each input it writes)."""
         activations = [args[i] for i in _activations(args, static_extra) if not args[i].is_inference()]
         versions = [a._version for a in activations]
-        out = self.fn(*args)
+        out = self._run(args)
         if any(a._version != v for a, v in zip(activations, versions)):
             self.disabled = "the compiled graph writes into its input tensors"
             log.warning("svdquant: %s, so its calls run without CUDA graphs (their replays would write copies, not the caller's tensors)", self.disabled)
@@ -251,9 +297,15 @@ class GraphReplay:
             if len(buffers.output_sets) >= MAX_OUTPUT_SETS:
                 return None
             device = next(a.device for a in args if isinstance(a, Tensor))
-            output_set = _OutputSet([torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device) for m in self.seen[key.seen]])
+            if self.buffered is not None:
+                output_set = _OutputSet(self.buffered.allocate(device))
+                outputs = self.buffered.outputs(output_set.tensors)  # a view's address is where a later call reads it
+            else:
+                output_set = _OutputSet([torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device) for m in self.seen[key.seen]])
+                outputs = output_set.tensors
             buffers.output_sets.append(output_set)
-            self.output_at.update((t.data_ptr(), output_set) for t in output_set.tensors)
+            self.output_at.update((t.data_ptr(), output_set) for t in outputs)
+            del outputs
         read_in_place = {i for i, _ in key.in_place}
         copied = tuple((i, buffer) for i, buffer in zip(activations, buffers.inputs) if i not in read_in_place)
         call_args = list(args)
@@ -265,14 +317,18 @@ class GraphReplay:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self.fn(*call_args)
-                out_type = type(out)
-                flat, outputs = _tensors_of(out)
-                if [(t.shape, t.dtype) for t in flat] != [(b.shape, b.dtype) for b in output_set.tensors]:
-                    raise RuntimeError("calls with the same input shapes returned different output shapes")
-                for target, tensor in zip(output_set.tensors, flat):
-                    target.copy_(tensor)
-                del out, flat  # the call's own outputs go back to the pool for the next capture
+                if self.buffered is not None:  # the kernels store into the output set
+                    self.fn(*call_args, *output_set.tensors)
+                    out_type, outputs = tuple, []  # __call__ returns the buffered outputs' views
+                else:
+                    out = self.fn(*call_args)
+                    out_type = type(out)
+                    flat, outputs = _tensors_of(out)
+                    if [(t.shape, t.dtype) for t in flat] != [(b.shape, b.dtype) for b in output_set.tensors]:
+                        raise RuntimeError("calls with the same input shapes returned different output shapes")
+                    for target, tensor in zip(output_set.tensors, flat):
+                        target.copy_(tensor)
+                    del out, flat  # the call's own outputs go back to the pool for the next capture
         except Exception as exc:  # an op that cannot be captured: run uncaptured from now on
             self.disabled = f"{type(exc).__name__}: {exc}"
             log.warning("svdquant: CUDA graph capture failed, running uncaptured (options cuda_graphs=False silences this): %s", self.disabled)
@@ -293,6 +349,71 @@ class GraphReplay:
             self.output_at.clear()
             self.seen.clear()
             self.pool = None
+
+
+def write_outputs_into_buffers(gm: fx.GraphModule) -> BufferedOutputs | None:
+    """Rewrite a Dynamo graph so that it writes its outputs into buffers passed after its inputs
+    (``copy_`` into new placeholders) and returns nothing; returns where the outputs are then, for
+    ``GraphReplay``. Outputs that view one tensor get one buffer for it (``BufferedOutputs``).
+    Returns None, leaving the graph as it was, unless every output is, or views, a tensor the graph
+    makes (not an input), of static shape, whose elements the outputs cover.
+
+    Why: Inductor then stores each output from the kernel that computes it into the buffer that a
+    capture hands on to the next block, where the capture copied it there before (0.9 ms per FLUX
+    forward at 1024x1024 on an H200, ``memcpy128``: benchmarks/KERNEL_NOTES.md v19).
+
+    Example:
+        >>> gm = fx.symbolic_trace(lambda x: (x + 1,))
+        >>> for node in gm.graph.nodes:
+        ...     node.meta["example_value"] = torch.empty(2, 3)
+        >>> write_outputs_into_buffers(gm).views
+        ((0, (2, 3), (3, 1), 0),)
+        >>> out = torch.empty(2, 3); _ = gm(torch.zeros(2, 3), out); out.sum().item()
+        6.0
+    """
+    graph = gm.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    output = next(iter(graph.find_nodes(op="output")))
+    values = output.args[0]
+    if not isinstance(values, (tuple, list)) or not values or not placeholders:
+        return None
+    examples = [v.meta.get("example_value") if isinstance(v, fx.Node) else None for v in values]
+    if not all(isinstance(e, Tensor) for e in examples):
+        return None
+    inputs = {StorageWeakRef(p.meta["example_value"].untyped_storage()) for p in placeholders if isinstance(p.meta.get("example_value"), Tensor)}
+    # The node that makes each tensor the graph computes (views have a _base; in-place ops return their input).
+    makers: dict[StorageWeakRef, fx.Node] = {}
+    for node in graph.nodes:
+        made = node.meta.get("example_value")
+        if node.op != "placeholder" and isinstance(made, Tensor) and made._base is None:
+            makers.setdefault(StorageWeakRef(made.untyped_storage()), node)
+    bases: list[fx.Node] = []
+    views = []
+    for example in examples:
+        storage = StorageWeakRef(example.untyped_storage())
+        if storage in inputs or storage not in makers:
+            return None  # an input, a view of one, or a tensor made outside the graph's nodes
+        if makers[storage] not in bases:
+            bases.append(makers[storage])
+        views.append((bases.index(makers[storage]), tuple(example.shape), tuple(example.stride()), example.storage_offset()))
+    made = [base.meta["example_value"] for base in bases]
+    if not all(isinstance(d, int) for t in [*made, *examples] for d in (*t.shape, *t.stride(), t.storage_offset())):
+        return None  # symbolic sizes: the buffers could not be made before the call
+    if sum(e.numel() for e in examples) != sum(t.numel() for t in made) or any(t.storage_offset() for t in made):
+        return None  # outputs that leave part of a tensor out (a buffer would hold more than they do)
+    last, buffers = placeholders[-1], []
+    for i, example in enumerate(made):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"svdq_output_{i}")
+        last.meta["example_value"] = example
+        last._dynamo_source = None  # an input Dynamo did not trace, like the quantized operands
+        buffers.append(last)
+    with graph.inserting_before(output):
+        for buffer, base in zip(buffers, bases):
+            graph.call_function(torch.ops.aten.copy_.default, (buffer, base))
+    output.args = ((),)
+    gm.recompile()
+    return BufferedOutputs(tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in made), tuple(views))
 
 
 def _activations(args: Sequence[Any], static_extra: int) -> list[int]:
@@ -321,4 +442,4 @@ class _Index(int):
     """Marks an output position that holds a tensor (the position in the output set)."""
 
 
-__all__ = ["GraphReplay", "MAX_GRAPHS", "MAX_OUTPUT_SETS", "MAX_SHAPES"]
+__all__ = ["BufferedOutputs", "GraphReplay", "MAX_GRAPHS", "MAX_OUTPUT_SETS", "MAX_SHAPES", "write_outputs_into_buffers"]

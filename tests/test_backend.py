@@ -425,18 +425,19 @@ def test_unknown_option_and_mode_are_clear_errors():
     assert svdq_backend._inductor_patches("reduce-overhead")["triton.cudagraphs"] is True
 
 
+class ReluTimesTwo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(128, 128)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) * 2
+
+
 def test_kernels_write_no_buffer_they_read():
     """Inductor would write relu(fc(x)) * 2 into fc's output buffer (``in_out_ptr``); the backend
     compiles out of place, where Inductor's autotuner times kernels without cloning their buffers."""
     from torch._inductor.utils import run_and_get_code
-
-    class ReluTimesTwo(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(128, 128)
-
-        def forward(self, x):
-            return torch.relu(self.fc(x)) * 2
 
     model, x = ReluTimesTwo().eval(), outlier_input(4, 128)
     with torch.no_grad():
@@ -446,6 +447,43 @@ def test_kernels_write_no_buffer_they_read():
     torch._dynamo.reset()
     assert "in_out_ptr" in "".join(plain)
     assert "in_out_ptr" not in "".join(ours)
+
+
+def test_the_graph_writes_its_outputs_into_the_replays_buffers():
+    """With the backend's CUDA graphs on (the default), the compiled graph returns nothing and
+    writes its output into a buffer the replay passes in (here its uncaptured path, on CPU), from
+    the kernel that computes it; the same values as the graph that returns its output."""
+    from torch._inductor.utils import run_and_get_code
+
+    model, x = ReluTimesTwo().eval(), outlier_input(4, 128)
+    results = {}
+    for cuda_graphs in (True, False):
+        with torch.no_grad():
+            out, code = run_and_get_code(torch.compile(model, backend="svdquant", options=OPTIONS | {"cuda_graphs": cuda_graphs, "free_weights": False}), x)
+        torch._dynamo.reset()
+        results[cuda_graphs] = out, "".join(code)
+    assert torch.equal(results[True][0], results[False][0])
+    assert "return ()" in results[True][1] and "return ()" not in results[False][1]
+
+
+def test_flux_blocks_write_their_outputs_into_the_replays_buffers(monkeypatch):
+    """Both of FLUX's block graphs are rewritten under regional compilation: the double block's into
+    a buffer per output, the single block's into one buffer whose rows are its two outputs. The
+    forward equals the one with the backend's CUDA graphs off."""
+    rewritten = []
+    original = svdq_backend.write_outputs_into_buffers
+    monkeypatch.setattr(svdq_backend, "write_outputs_into_buffers", lambda gm: rewritten.append(original(gm)) or rewritten[-1])
+    model = flux_model()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        model.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS | {"free_weights": False})
+        out = model(**flux_inputs())[0]
+        torch._dynamo.reset()
+        reference.compile_repeated_blocks(backend="svdquant", fullgraph=True, options=OPTIONS | {"cuda_graphs": False})
+        ref = reference(**flux_inputs())[0]
+    torch._dynamo.reset()
+    assert sorted((len(b.buffers), len(b.views)) for b in rewritten) == [(1, 2), (2, 2)]
+    assert torch.equal(out, ref)
 
 
 def test_registered_inductor_pass_rewrites_plain_compile_and_composes():

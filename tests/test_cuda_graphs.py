@@ -1,12 +1,14 @@
-"""When ``GraphReplay``'s input buffers copy a tensor in, and when a first call turns captures off (on
-CPU: the buffers are plain tensors).
+"""When ``GraphReplay``'s input buffers copy a tensor in, when a first call turns captures off, and
+which graphs write their outputs into buffers passed in (on CPU: the buffers are plain tensors).
 The replays themselves are tested on a GPU, in ``test_cuda_graphs_gpu.py``."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import fx
 
-from svdq_compile.cuda_graphs import GraphReplay, _InputBuffer
+from svdq_compile.cuda_graphs import GraphReplay, _InputBuffer, write_outputs_into_buffers
 
 
 def test_an_input_buffer_copies_unless_it_holds_the_same_tensor_unchanged_within_a_chain():
@@ -45,3 +47,78 @@ def test_a_first_call_that_writes_into_an_activation_turns_the_captures_off(capl
     with caplog.at_level("WARNING", logger="svdq_compile"):
         writes._first_call([x, weight], 0)
     assert writes.disabled is not None and "writes into its input tensors" in caplog.text
+
+
+def dynamo_graph(fn, *args, dynamic: bool = False) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """The FX graph Dynamo makes of ``fn`` (with its example values), compiled nowhere, and its
+    inputs in the graph's order (Dynamo's, not ``fn``'s)."""
+    graphs = []
+    with torch.no_grad():
+        torch.compile(fn, backend=lambda gm, example_inputs: graphs.append((gm, list(example_inputs))) or gm, dynamic=dynamic)(*args)
+    torch._dynamo.reset()
+    return graphs[0]
+
+
+def test_a_graph_writes_its_new_outputs_into_buffers_passed_after_its_inputs():
+    """One buffer per tensor the outputs are or view: a transpose is a view of the product's buffer."""
+    x, y = torch.randn(4, 6), torch.randn(6, 3)
+    gm, inputs = dynamo_graph(lambda x, y: (torch.tanh(x) * 2, (x @ y).t()), x, y)
+    buffered = write_outputs_into_buffers(gm)
+    assert buffered.buffers == (((4, 6), (6, 1), torch.float32), ((4, 3), (3, 1), torch.float32))
+    assert buffered.views == ((0, (4, 6), (6, 1), 0), (1, (3, 4), (1, 3), 0))
+    buffers = buffered.allocate(torch.device("cpu"))
+    assert gm(*inputs, *buffers) == ()
+    outputs = buffered.outputs(buffers)
+    torch.testing.assert_close(outputs[0], torch.tanh(x) * 2)
+    torch.testing.assert_close(outputs[1], (x @ y).t())
+    # The replay's uncaptured path makes the buffers and returns the views.
+    torch.testing.assert_close(GraphReplay(gm, buffered)(inputs)[1], (x @ y).t())
+
+
+def split_rows(r, x):
+    """As FLUX's single blocks end: the text and image rows of one tensor."""
+    h = r + torch.tanh(x) * 2
+    return h[:, :5], h[:, 5:]
+
+
+def test_outputs_that_split_one_tensor_share_its_buffer_and_inductor_writes_them_there():
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.utils import run_and_get_code
+
+    r, x = torch.randn(1, 12, 16), torch.randn(1, 12, 16)
+    gm, inputs = dynamo_graph(split_rows, r, x)
+    buffered = write_outputs_into_buffers(gm)
+    assert buffered.buffers == (((1, 12, 16), (192, 16, 1), torch.float32),)
+    assert buffered.views == ((0, (1, 5, 16), (192, 16, 1), 0), (0, (1, 7, 16), (192, 16, 1), 80))
+    buffers = buffered.allocate(torch.device("cpu"))
+    with torch.no_grad():
+        _, (code,) = run_and_get_code(lambda: compile_fx(gm, [*inputs, *buffers])(*inputs, *buffers))
+    for got, want in zip(buffered.outputs(buffers), split_rows(r, x)):
+        torch.testing.assert_close(got, want)
+    assert "return ()" in code
+
+
+def view_of_an_input(x):
+    return x + 1, x.view(-1)
+
+
+def overlapping_views_of_one_tensor(x):
+    y = x * 2
+    return y, y[1:]
+
+
+def part_of_a_tensor(x):
+    return ((x * 2)[:, :1],)
+
+
+@pytest.mark.parametrize("fn", [view_of_an_input, overlapping_views_of_one_tensor, part_of_a_tensor])
+def test_other_outputs_stay_the_graphs_own(fn):
+    gm, _ = dynamo_graph(fn, torch.randn(4, 4))
+    code = gm.code
+    assert write_outputs_into_buffers(gm) is None
+    assert gm.code == code
+
+
+def test_symbolic_output_shapes_stay_the_graphs_own():
+    gm, _ = dynamo_graph(lambda x: (x * 2,), torch.randn(5, 4), dynamic=True)
+    assert write_outputs_into_buffers(gm) is None

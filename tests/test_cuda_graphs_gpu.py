@@ -1,7 +1,8 @@
 """``GraphReplay`` on a CUDA GPU (skipped without CUDA): chained calls hand their outputs over in
 place, a tensor every block is passed is copied once per chain, outputs a caller keeps are never
 overwritten, a graph that writes into its inputs runs uncaptured, and every replay returns what the
-plain call returns for that call's inputs.
+plain call returns for that call's inputs; for graphs that return their outputs and for graphs that
+write them into buffers they are passed (``write_outputs_into_buffers``).
 
 Run on the GPU machine: ``pytest tests/test_cuda_graphs_gpu.py``.
 """
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from svdq_compile.cuda_graphs import GraphReplay
+from svdq_compile.cuda_graphs import BufferedOutputs, GraphReplay
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,6 +29,30 @@ def block(image: torch.Tensor, text: torch.Tensor, shared: torch.Tensor, weight:
     the same tensor for every block (as FLUX's timestep embedding)."""
     image = torch.tanh(image @ weight) * shared + text.mean(1, keepdim=True)
     return text * 0.5 + image[:, : text.shape[1]], image
+
+
+def block_into(image: torch.Tensor, text: torch.Tensor, shared: torch.Tensor, weight: torch.Tensor, *buffers: torch.Tensor) -> tuple[()]:
+    """``block`` writing its outputs into the buffers it is passed, as a graph rewritten by
+    ``write_outputs_into_buffers`` does: one buffer per output, or both side by side in one."""
+    new_text, new_image = block(image, text, shared, weight)
+    if len(buffers) == 2:
+        buffers[0].copy_(new_text)
+        buffers[1].copy_(new_image)
+    else:
+        torch.cat((new_text, new_image), 1, out=buffers[0])
+    return ()
+
+
+F32 = torch.float32
+# How each contract's replay is made: the graph returns its outputs, or writes them into buffers,
+# one each or one for both (the outputs are then views of it, as FLUX's single blocks' are).
+REPLAYS = {
+    "returns": lambda: GraphReplay(block),
+    "writes into buffers": lambda: GraphReplay(block_into, BufferedOutputs(
+        (((32, 16), (16, 1), F32), ((32, 64), (64, 1), F32)), ((0, (32, 16), (16, 1), 0), (1, (32, 64), (64, 1), 0)))),
+    "writes views of one buffer": lambda: GraphReplay(block_into, BufferedOutputs(
+        (((32, 80), (80, 1), F32),), ((0, (32, 16), (80, 1), 0), (0, (32, 64), (80, 1), 16)))),
+}
 
 
 def weights() -> list[nn.Parameter]:
@@ -54,10 +79,9 @@ def forward(call, image: torch.Tensor, text: torch.Tensor, shared: torch.Tensor,
     return torch.cat((text, image), 1)
 
 
-def captured(fn: Callable, ws: list[nn.Parameter]) -> tuple[GraphReplay, Callable]:
-    """``fn`` behind a ``GraphReplay`` and a call of it as the blocks call it, after three forwards
-    (uncaptured, captured, replayed)."""
-    replay = GraphReplay(fn)
+def captured(replay: GraphReplay, ws: list[nn.Parameter]) -> tuple[GraphReplay, Callable]:
+    """``replay`` and a call of it as the blocks call it, after three forwards (uncaptured,
+    captured, replayed)."""
     call = lambda *a: replay(list(a))  # noqa: E731
     with torch.no_grad():
         for seed in range(3):
@@ -77,12 +101,13 @@ class CountCopies(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_chained_calls_read_the_previous_outputs_in_place():
+@pytest.mark.parametrize("contract", REPLAYS)
+def test_chained_calls_read_the_previous_outputs_in_place(contract):
     """After one uncaptured forward, each block is captured once; every block after the first
     reads the previous block's output buffers in place (copies nothing), two output sets serve the
     whole chain, and every forward equals the plain calls on its own inputs."""
     ws = weights()
-    replay = GraphReplay(block)
+    replay = REPLAYS[contract]()
     with torch.no_grad():
         for seed in range(5):
             got = forward(lambda *a: replay(list(a)), *inputs(seed), ws)
@@ -96,12 +121,13 @@ def test_chained_calls_read_the_previous_outputs_in_place():
     assert len(buffers.output_sets) == 2
 
 
-def test_outputs_a_caller_keeps_are_not_overwritten():
+@pytest.mark.parametrize("contract", REPLAYS)
+def test_outputs_a_caller_keeps_are_not_overwritten(contract):
     """A caller that keeps block 1's outputs (or only a view of one) through later blocks and later
     forwards reads them unchanged: replays write other output sets while those are held, and the
     kept sets are used again once released."""
     ws = weights()
-    replay, call = captured(block, ws)
+    replay, call = captured(REPLAYS[contract](), ws)
     with torch.no_grad():
         first, second = {}, {}
         forward(call, *inputs(10), ws, keep=first)
@@ -127,7 +153,7 @@ def test_a_tensor_every_block_is_passed_is_copied_once_per_chain():
     change in place (between forwards or between two blocks) or another tensor is copied again, so
     every forward still equals the plain calls."""
     ws = weights()
-    _, call = captured(block, ws)
+    _, call = captured(GraphReplay(block), ws)
     with torch.no_grad():
         image, text, shared = inputs(5)
         with CountCopies() as counted:
