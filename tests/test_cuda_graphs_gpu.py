@@ -105,7 +105,8 @@ class CountCopies(TorchDispatchMode):
 def test_chained_calls_read_the_previous_outputs_in_place(contract):
     """After one uncaptured forward, each block is captured once; every block after the first
     reads the previous block's output buffers in place (copies nothing), two output sets serve the
-    whole chain, and every forward equals the plain calls on its own inputs."""
+    whole chain (one more for the first block where its inputs have another layout), and every
+    forward equals the plain calls on its own inputs."""
     ws = weights()
     replay = REPLAYS[contract]()
     with torch.no_grad():
@@ -117,8 +118,10 @@ def test_chained_calls_read_the_previous_outputs_in_place(contract):
     captures = [c for cs in replay.captures.values() for c in cs]
     assert len(captures) == BLOCKS
     assert sorted(len(c.copied) for c in captures) == [1] * (BLOCKS - 1) + [3]
-    (buffers,) = replay.buffers.values()
-    assert len(buffers.output_sets) == 2
+    # Views of one buffer are strided: the first block's inputs (contiguous) are another layout,
+    # whose buffers hold the one output set that block writes.
+    sets = [len(b.output_sets) for b in replay.buffers.values()]
+    assert sets == ([1, 2] if contract == "writes views of one buffer" else [2])
 
 
 @pytest.mark.parametrize("contract", REPLAYS)
