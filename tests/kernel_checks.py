@@ -74,18 +74,26 @@ def gemm_bound(args: tuple, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return ref, terms * FP32_EPS * abs_sum + ulp_bound(ref, out_dtype)
 
 
-def gelu_gemm_bound(args: tuple, out_dtype: torch.dtype, gelu_start: int, gelu_end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+TANH_APPROX_ERROR = 2.0**-10.987  # PTX ISA: tanh.approx.f32's largest relative error
+
+
+def gelu_gemm_bound(args: tuple, out_dtype: torch.dtype, gelu_start: int, gelu_end: int,
+                    tanh_approx: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(pre, ref, bound)``: the reference output before GELU (fp32), after GELU on the columns
     ``gelu_start:gelu_end``, and how far a kernel that applies GELU in its epilogue may be from it.
 
     GELU's slope is at most 1.13, so a pre-activation difference d (``gemm_bound`` in fp32) moves
     the output by at most 1.13 d; its fp32 evaluation (exp-based tanh in the kernel, torch's tanh in
-    the reference) adds a few roundings of |v|, bounded by 16 eps |v|. Then one rounding to
-    ``out_dtype``.
+    the reference) adds a few roundings of |v|, bounded by 16 eps |v|; with ``tanh_approx`` (the
+    Gluon kernels' ``tanh.approx.f32``) 0.5 |v| TANH_APPROX_ERROR more on the GELU columns. Then one
+    rounding to ``out_dtype``.
     """
     pre, pre_bound = gemm_bound(args, torch.float32)
     ref = w4a4_gemm_reference(*args, torch.float32, gelu_start=gelu_start, gelu_end=gelu_end)
-    return pre, ref, 1.13 * pre_bound + 16 * FP32_EPS * pre.abs() + ulp_bound(ref, out_dtype)
+    bound = 1.13 * pre_bound + 16 * FP32_EPS * pre.abs() + ulp_bound(ref, out_dtype)
+    if tanh_approx:
+        bound[:, gelu_start:gelu_end] += 0.5 * TANH_APPROX_ERROR * pre[:, gelu_start:gelu_end].abs()
+    return pre, ref, bound
 
 
 def near_tie_rows(rows: int, k: int, two_level: bool, gen: torch.Generator) -> torch.Tensor:

@@ -16,7 +16,8 @@
   output columns ``gelu_start:gelu_end``, cast to ``out_dtype``. The GELU there saves the separate
   elementwise pass that would read and write the whole output again (an MLP's up projection); it
   adds about 50 us to a 4096 x 12288 x 3072 GEMM on an H100, against 130 us for that pass
-  (KERNEL_NOTES.md, v8).
+  (KERNEL_NOTES.md, v8). The Gluon kernels below take tanh from the GPU's ``tanh.approx.f32``,
+  off by at most ``0.5 |v| 2^-10.987`` (``_gelu_tanh_approx``).
 
 On Hopper (sm_90), large M also has candidates whose main loop is written in Gluon, Triton's
 lower-level dialect (``wgmma`` configs): TMA loads several K tiles ahead and one wgmma kept in
@@ -403,7 +404,7 @@ def _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_
         out += gl.load(bias_ptr + rows_w).to(gl.float32)[None, :]
     if GELU:
         if (off_n < gelu_end) & (off_n + BLOCK_N > gelu_start):
-            out = gl.where(((offs_n >= gelu_start) & (offs_n < gelu_end))[None, :], _gelu_tanh(out), out)
+            out = gl.where(((offs_n >= gelu_start) & (offs_n < gelu_end))[None, :], _gelu_tanh_approx(out), out)
     # 16-bit outputs: stored in 16-byte pieces along the rows, after a layout change through
     # shared memory. From the accumulator layout each thread stores 4-byte pieces scattered over
     # 8 rows: 9-13% slower at FLUX's K = 3072 GEMMs with the same stages (KERNEL_NOTES.md, v14).
@@ -422,6 +423,21 @@ def _gelu_tanh(v):
     not overlap its main loop, so they cost GEMM time) and no cancellation: exact limits at large |v|."""
     two_u = v * (1.5957691216057308 + 0.07135481627260025 * v * v)
     return v / (1.0 + tl.exp(-two_u))
+
+
+@triton.jit
+def _gelu_tanh_approx(v):
+    """``_gelu_tanh`` as ``0.5 v (1 + tanh(u))`` with the GPU's ``tanh.approx.f32``: one MUFU
+    operation per element where ``_gelu_tanh`` takes two (exp and the reciprocal), and an epilogue
+    that does not overlap its main loop pays for each (3.5-5% of FLUX's GELU GEMMs on an H200,
+    KERNEL_NOTES.md v10). tanh.approx is off by at most 2^-10.987 of |tanh| (PTX ISA), so the
+    output by at most ``0.5 |v| 2^-10.987``: a large relative error only where GELU's output is
+    small (near v = -3), and the 4-bit layer that reads it kept its error (v20). PTX: CUDA only,
+    for the Gluon kernels (the Triton ones also run in the CPU interpreter)."""
+    u = v * (0.7978845608028654 + 0.035677408136300125 * v * v)
+    tanh_u = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32, is_pure=True, pack=1)
+    half_v = 0.5 * v
+    return half_v + half_v * tanh_u
 
 
 @triton.jit
