@@ -57,7 +57,6 @@ MAX_SHAPES = 16
 MAX_OUTPUT_SETS = 64
 
 
-
 @dataclass(frozen=True)
 class BufferedOutputs:
     """How a graph rewritten by ``write_outputs_into_buffers`` hands its outputs over: it writes
