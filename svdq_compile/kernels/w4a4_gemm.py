@@ -429,8 +429,8 @@ def _gelu_tanh(v):
 def _gelu_tanh_approx(v):
     """``_gelu_tanh`` as ``0.5 v (1 + tanh(u))`` with the GPU's ``tanh.approx.f32``: one MUFU
     operation per element where ``_gelu_tanh`` takes two (exp and the reciprocal), and an epilogue
-    that does not overlap its main loop pays for each (3.5-5% of FLUX's GELU GEMMs on an H200,
-    KERNEL_NOTES.md v10). tanh.approx is off by at most 2^-10.987 of |tanh| (PTX ISA), so the
+    that does not overlap its main loop pays for each (3-5% of FLUX's GELU GEMMs on an H200,
+    KERNEL_NOTES.md v22). tanh.approx is off by at most 2^-10.987 of |tanh| (PTX ISA), so the
     output by at most ``0.5 |v| 2^-10.987``: a large relative error only where GELU's output is
     small (near v = -3), and the 4-bit layer that reads it kept its error (v20). PTX: CUDA only,
     for the Gluon kernels (the Triton ones also run in the CPU interpreter)."""
