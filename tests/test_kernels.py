@@ -411,8 +411,8 @@ def test_a_gluon_kernel_that_does_not_build_leaves_the_triton_kernels(monkeypatc
 def test_the_tuner_ranks_close_configs_by_their_second_timings(monkeypatch):
     """A config whose first timing came at boost clocks (after an idle moment) is not picked over
     one that is faster under sustained load, configs far slower in the first pass or behind the
-    four fastest are not timed again, and the second pass reads copies of the weight in turn. (No GPU here: the timer runs each
-    launch under the interpreter and makes up its time.)"""
+    four fastest are not timed again, and the second pass reads copies of the weight in turn. (No
+    GPU here: the timer runs each launch under the interpreter and makes up its time.)"""
     candidates = gk._candidate_configs(300, True, 0)
     boosted, slow = candidates[3], candidates[-1]
     timed = []
@@ -439,6 +439,21 @@ def test_the_tuner_ranks_close_configs_by_their_second_timings(monkeypatch):
     assert all(w is args[2] for w in weights[:first_pass])
     second = weights[first_pass:]  # cycles through the weight and two copies of it
     assert len({w.data_ptr() for w in second}) == 3 and all(torch.equal(w, args[2]) for w in second)
+
+
+def test_the_tuner_copies_no_weight_without_a_second_pass(monkeypatch):
+    """One config far ahead of the rest in the first pass is picked as it is: nothing is timed
+    again, and the weight copies the second pass reads are never made."""
+    candidates = gk._candidate_configs(300, True, 0)
+    launched = []
+    original_launch = gk._launch
+    monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
+    monkeypatch.setattr(gk, "_gpu_ms", lambda fn: (fn(), 1.0 if launched[-1] == candidates[2] else 2.0)[1])
+    monkeypatch.setattr(gk, "_weight_copies", lambda *a: pytest.fail("weight copies made without a second pass"))
+    args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(9))
+    out = torch.empty(300, 40, dtype=torch.bfloat16)
+    assert gk._tune((*args, out), ("test",), 300, 40, 128, 16, 0, 0, True, (0, 0), torch.bfloat16) == candidates[2]
+    assert len(launched) == len(candidates)
 
 
 @pytest.mark.parametrize("n256_scale", [1.5, 1 + 2**-10], ids=["strays", "agrees"])
