@@ -848,10 +848,15 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
         first_ms[cfg] = ms
     # The forward reads each weight once, from memory; launches repeated on one weight read it from
     # L2, which ranked two configs 7% apart the wrong way at 4096x12288x3072 (KERNEL_NOTES.md, v20).
-    # So the second pass cycles through copies of the weight that together outgrow L2, made on its
-    # first timing (most shapes have one close config and no second pass).
-    weights = functools.cache(lambda: itertools.cycle(_weight_copies(args[2], _l2_bytes(args[2].device))))
-    best = _fastest_sustained(first_ms, lambda cfg: _gpu_ms(lambda: launch(cfg, next(weights())))) if first_ms else None
+    # So the second pass cycles through copies of the weight that together outgrow L2, made before
+    # its first timing (most shapes have one close config and no second pass), on this stream.
+    weight_cycle = functools.cache(lambda: itertools.cycle(_weight_copies(args[2], _l2_bytes(args[2].device))))
+
+    def time_cold(cfg: GemmConfig) -> float:
+        weights = weight_cycle()
+        return _gpu_ms(lambda: launch(cfg, next(weights)))
+
+    best = _fastest_sustained(first_ms, time_cold) if first_ms else None
     _tuned[key] = best
     return best
 
