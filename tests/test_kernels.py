@@ -310,7 +310,7 @@ GEMV_CONFIGS = [gk.GemmConfig(4, 16, 256, 1, 4, 3, gemv=True), gk.GemmConfig(4, 
 
 
 @pytest.mark.parametrize("config", GEMV_CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}")
-@pytest.mark.parametrize("m,n,k,group", [(1, 83, 64 * 5, 64), (2, 40, 64 * 7, 32), (3, 33, 128 * 3, 128), (4, 21, 256 * 2, 256)])
+@pytest.mark.parametrize("m,n,k,group", [(1, 83, 64 * 12, 64), (2, 40, 32 * 12, 32), (2, 19, 16 * 12, 16), (3, 33, 128 * 4, 128), (4, 21, 256 * 4, 256)])
 @pytest.mark.parametrize("rank", [32, 80])
 def test_w4a4_gemm_gemv_configs(config, m, n, k, group, rank):
     """The GEMV kernel (1 to 4 tokens in one program) within the reference's bound on the int8 and
@@ -336,6 +336,21 @@ def test_w4a4_gemm_gemv_configs(config, m, n, k, group, rank):
     pre, ref, bound = gelu_gemm_bound(args, torch.bfloat16, 5, n - 3)
     out = gk.w4a4_gemm(*args, torch.bfloat16, config=config, gelu_start=5, gelu_end=n - 3)
     assert ((out.float() - ref).abs() <= bound).all() and (ref[:, 5 : n - 3] - pre[:, 5 : n - 3]).abs().max() > 0.1
+
+
+def test_gemv_refuses_packed_rows_that_are_not_whole_words():
+    """The GEMV reads packed weights in 4-byte words: rows of K / 2 + K / G bytes with K / G not a
+    multiple of 4, or operands that do not start on a word, get no GEMV candidate, and a forced
+    GEMV config a message saying what to do instead of misaligned loads."""
+    args = gemm_inputs(1, 24, 64 * 5, 16, torch.bfloat16, True, torch.Generator().manual_seed(5))
+    packed = numerics.pack_weight_operand(args[2], 64, True)
+    assert not gk._gemv_fits(args[0], packed, 64) and gk._gemv_fits(args[0], args[2], 0)
+    assert not any(cfg.gemv for cfg in gk._candidate_configs(1, True, 0, packed_group=64, gemv_fits=False))
+    with pytest.raises(ValueError, match="4-byte words"):
+        gk.w4a4_gemm(args[0], args[1], packed, *args[3:], torch.bfloat16, config=GEMV_CONFIGS[0])
+    act_q = torch.zeros(1, 1 + 64 * 4, dtype=torch.int8)[:, 1:]  # a view one byte into its storage
+    assert not gk._gemv_fits(act_q, torch.zeros(8, 132, dtype=torch.uint8), 64)
+    assert gk._gemv_fits(act_q.clone(), torch.zeros(8, 132, dtype=torch.uint8), 64)
 
 
 def test_gemv_configs_only_for_two_level_and_up_to_four_tokens():

@@ -40,7 +40,8 @@ depend on the order) and runs the epilogue. Plain stores, not atomics: integer a
 tiles cost more than the split saved (KERNEL_NOTES.md, v9). Up to 4 tokens also have GEMV-shaped
 candidates (``gemv`` configs): one program per few weight rows for all tokens, on the CUDA cores,
 with no 16-row tile to pad; at M = 1 on an H200 they took 0.75-1.0x the time of the best tile on
-8-bit weights and 0.65-0.94x on packed ones. The best config per (format, M bucket, N, K, rank
+8-bit weights and 0.65-0.94x on packed ones, which they now read in ``dp4a`` words, 0.69-0.97x the
+time of the nibble-by-nibble version at M = 1 and 0.60-0.93x at M = 2. The best config per (format, M bucket, N, K, rank
 chunks, dtype) is measured on the first call (GPU time, CUDA-graph replays) and cached.
 """
 
@@ -63,7 +64,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from ..numerics import apply_gelu_columns, packed_weight_columns, unpack_weight_operand
 from . import int8_wgmma_256, sm_count
 from .int8_wgmma_256 import mark_int8_as_e4m3
-from .unpack_weight import expand_int4_tile, signed_nibbles
+from .unpack_weight import expand_int4_tile
 
 # Gluon's TMA load was renamed after Triton 3.6 (the GPU machine's version; CI has a newer one).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -222,10 +223,37 @@ def _w4a4_gemm_persistent_kernel(
 
 
 @triton.jit
+def _dot4(u, s, acc, DP4A: tl.constexpr):
+    """``acc`` plus the dot product of the four unsigned bytes of ``u`` and the four signed bytes of
+    ``s`` (int32 words, elementwise): one ``dp4a`` instruction on an NVIDIA GPU; with ``DP4A`` off
+    (the CPU interpreter, which runs no PTX) the same sum from the bytes one by one."""
+    if DP4A:
+        out = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [u, s, acc], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = acc
+        for i in tl.static_range(4):
+            out += ((u >> (8 * i)) & 0xFF) * ((s << (24 - 8 * i)) >> 24)
+    return out
+
+
+@triton.jit
+def _even_odd_bytes(first, second, DP4A: tl.constexpr):
+    """Two consecutive words of int8 columns (c .. c+3, c+4 .. c+7) regrouped as the words of the
+    even columns (c, c+2, c+4, c+6) and of the odd ones: one ``prmt`` each on an NVIDIA GPU."""
+    if DP4A:
+        even = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x6420;", "=r,r,r", [first, second], dtype=tl.int32, is_pure=True, pack=1)
+        odd = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", [first, second], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        even = (first & 0xFF) | ((first >> 8) & 0xFF00) | ((second << 16) & 0xFF0000) | ((second << 8) & -0x1000000)
+        odd = ((first >> 8) & 0xFF) | ((first >> 16) & 0xFF00) | ((second << 8) & 0xFF0000) | (second & -0x1000000)
+    return even, odd
+
+
+@triton.jit
 def _w4a4_gemv_kernel(
     a_ptr, sa_ptr, w_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
     M, N, K, R, gelu_start, gelu_end, W_COLS,
-    ACC_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr, DP4A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Two-level scales, M <= BLOCK_M <= 4 tokens (FLUX's adaLN projections: M = 1): one program
@@ -233,31 +261,49 @@ def _w4a4_gemv_kernel(
     CUDA cores (int32, or fp32 for fp8 operands), each token's dot reduced per K tile. A tensor-core
     tile has at least 16 rows, 15 of them padding at M = 1.
 
-    PACKED ("int4_2level" rows, as in ``_w4a4_gemm_kernel``): the low nibbles multiply the even
-    columns' activations and the high nibbles the odd ones, and each group's sum is multiplied by
-    its multiplier once: the same exact integers as expanding the values first, in fewer
-    instructions and without the interleave."""
+    PACKED ("int4_2level" rows, as in ``_w4a4_gemm_kernel``; K / GROUP a multiple of 4, so that rows
+    start on 4-byte words): the weight is read in words of eight nibbles, columns c .. c+7 with
+    column c + 2i in byte i's low nibble. Flipping each nibble's top bit turns q into q + 8 in
+    0..15, so one ``dp4a`` multiplies the four low nibbles by the even columns' activations and one
+    the high nibbles by the odd ones; each group's sum takes back 8 * sum(a) and is multiplied by
+    its multiplier once. The same exact integers as expanding the values first, in 3-4
+    instructions per weight byte in the K loop instead of 8-9 (KERNEL_NOTES.md v23)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_w = (offs_n % N).to(tl.int64)  # rows past N load a valid row (never stored)
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     if PACKED:
         GROUPS: tl.constexpr = BLOCK_K // GROUP  # whole groups per K tile
+        # A group's words are taken in chunks of up to four (16 bytes): one thread's load, whose
+        # sum stays in the thread; the groups' sums stay apart until after the K loop.
+        CHUNK: tl.constexpr = min(4, GROUP // 8)
         offs_g = tl.arange(0, GROUPS)
-        offs_j = tl.arange(0, GROUP // 2)
+        offs_c = tl.arange(0, CHUNK)
+        # The word offsets of the rows, hinted as multiples of 4 so that loads take 16 bytes.
+        w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + tl.multiple_of(rows_w * (W_COLS // 4), 4)
+        a_words = a_ptr.to(tl.pointer_type(tl.int32))
+        ones = tl.full((GROUPS, CHUNK), 0x01010101, tl.int32)
+        group_acc = tl.zeros((BLOCK_M, BLOCK_N, GROUPS), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             g_ok = (k0 // GROUP + offs_g) < K // GROUP  # K is a multiple of GROUP
-            low, high = signed_nibbles(tl.load(w_ptr + rows_w[:, None, None] * W_COLS + k0 // 2 + offs_g[None, :, None] * (GROUP // 2) + offs_j[None, None, :],
-                                               mask=g_ok[None, :, None], other=0))
             mult = tl.load(w_ptr + rows_w[:, None] * W_COLS + K // 2 + k0 // GROUP + offs_g[None, :], mask=g_ok[None, :], other=0).to(tl.int32)
-            for t in tl.static_range(BLOCK_M):
-                if t < M:
-                    # One contiguous load, split into even and odd columns in registers (two loads
-                    # strided by two went through shared memory: KERNEL_NOTES.md v18).
-                    a = tl.load(a_ptr + t * K + k0 + offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_ok[:, None], other=0)
-                    a_low, a_high = tl.split(tl.reshape(a.to(tl.int32), (GROUPS, GROUP // 2, 2)))
-                    dot = tl.sum(tl.sum(low * a_low[None] + high * a_high[None], axis=2) * mult, axis=1)
-                    acc = tl.where(offs_m[:, None] == t, acc + dot[None, :], acc)
+            for c0 in tl.static_range(0, GROUP // 8, CHUNK):
+                word = tl.load(w_rows[:, None, None] + k0 // 8 + offs_g[None, :, None] * (GROUP // 8) + c0 + offs_c[None, None, :],
+                               mask=g_ok[None, :, None], other=0)
+                flipped = word ^ -0x77777778  # 0x88888888 as int32
+                low = flipped & 0x0F0F0F0F
+                high = (flipped >> 4) & 0x0F0F0F0F
+                for t in tl.static_range(BLOCK_M):
+                    if t < M:
+                        a = tl.load(a_words + tl.multiple_of(t * (K // 4), 4) + k0 // 4 + offs_g[:, None] * (GROUP // 4) + 2 * c0 + tl.arange(0, 2 * CHUNK)[None, :],
+                                    mask=g_ok[:, None], other=0)
+                        first, second = tl.split(tl.reshape(a, (GROUPS, CHUNK, 2)))
+                        even, odd = _even_odd_bytes(first, second, DP4A)
+                        offset = 8 * tl.sum(_dot4(ones, first, _dot4(ones, second, tl.zeros_like(first), DP4A), DP4A), axis=1)
+                        sums = _dot4(high, tl.broadcast_to(odd[None], high.shape), _dot4(low, tl.broadcast_to(even[None], low.shape), tl.zeros_like(low), DP4A), DP4A)
+                        part = (tl.sum(sums, axis=2) - offset[None, :]) * mult
+                        group_acc = tl.where(offs_m[:, None, None] == t, group_acc + part[None], group_acc)
+        acc = tl.sum(group_acc, axis=2)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -499,18 +545,20 @@ class GemmConfig:
     gemv: bool = False
 
 
-def _candidate_configs(m: int, two_level: bool, group_size: int, packed_group: int = 0, wgmma: bool = False) -> list[GemmConfig]:
+def _candidate_configs(m: int, two_level: bool, group_size: int, packed_group: int = 0, wgmma: bool = False, gemv_fits: bool = True) -> list[GemmConfig]:
     """The tile configs ``_tune`` times; the first is the default where nothing is timed.
-    ``packed_group``: the weight is packed (the plain kernel only); ``wgmma``: the Gluon kernel
-    can run (Hopper, 16-bit low-rank operands)."""
+    ``packed_group``: the weight is packed (the plain and GEMV kernels only); ``wgmma``: the Gluon
+    kernel can run (Hopper, 16-bit low-rank operands); ``gemv_fits``: the GEMV kernel can read
+    the operands (``_gemv_fits``)."""
     if packed_group:
-        return [cfg for cfg in _candidate_configs(m, True, 0) if not cfg.persistent]
+        return [cfg for cfg in _candidate_configs(m, True, 0, gemv_fits=gemv_fits) if not cfg.persistent]
     if two_level and m <= 4:
         # At M = 1 on an H200 the GEMV kernel took 0.75-1.0x the time of the best tile on 8-bit
         # weights and 0.65-0.94x on packed ones; at M = 2 and 4 it mostly lost (KERNEL_NOTES.md,
-        # v17). The tuner measures.
-        gemv = [GemmConfig(4, bn, bk, 1, 4, 3, gemv=True) for bn, bk in ((16, 256), (16, 512), (8, 512), (8, 1024), (4, 1024))]
-        return _candidate_configs(16, True, 0) + gemv
+        # v17). Read in dp4a words, packed weights run fastest with 2048-wide K tiles at N = 3072
+        # (v23). The tuner measures.
+        gemv = [GemmConfig(4, bn, bk, 1, 4, 3, gemv=True) for bn, bk in ((16, 256), (16, 512), (8, 512), (8, 1024), (4, 1024), (16, 2048), (8, 2048))]
+        return _candidate_configs(16, True, 0) + (gemv if gemv_fits else [])
     if not two_level:
         g = group_size
         if m <= 64:
@@ -591,6 +639,21 @@ def _packed_2level_group(k: int, columns: int) -> int:
     return next((g for g in (16, 32, 64, 128, 256) if k % g == 0 and columns == packed_weight_columns(k, g, True)), 0)
 
 
+def _gemv_fits(act_q: Tensor, weight_q: Tensor, packed_group: int) -> bool:
+    """Whether the GEMV kernel takes these operands: it reads a packed weight and its int8
+    activations in 4-byte words, so packed rows (K / 2 + K / G bytes) must be whole words, and
+    both operands must start on one.
+
+    Example:
+        >>> a = torch.zeros(1, 3072, dtype=torch.int8)
+        >>> _gemv_fits(a, torch.zeros(8, 1584, dtype=torch.uint8), 64), _gemv_fits(a[:, :320], torch.zeros(8, 165, dtype=torch.uint8), 64)
+        (True, False)
+    """
+    if not packed_group:
+        return True  # read value by value
+    return (act_q.shape[1] // packed_group) % 4 == 0 and act_q.data_ptr() % 4 == weight_q.data_ptr() % 4 == 0
+
+
 def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scales: Tensor, lora_act: Tensor, lora_up: Tensor, bias: Tensor | None) -> tuple[int, int]:
     """Validate shapes; return the group size of float group scales (0: two-level) and of a packed
     weight_q (0: not packed)."""
@@ -644,10 +707,13 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, packed_g
     if cfg.gemv:
         if not two_level or m > cfg.block_m:
             raise ValueError(f"w4a4_gemm: a gemv config takes two-level scales and at most block_m = {cfg.block_m} tokens, got M = {m}")
+        if not _gemv_fits(args[0], args[2], packed_group):
+            raise ValueError(f"w4a4_gemm: a gemv config reads a packed weight in 4-byte words: it needs K / G = {k} / {packed_group} "
+                             "a multiple of 4 and act_q and weight_q starting on 4-byte boundaries; take a tile config (or none) here")
         _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
             *args, m, n, k, rank, *gelu, args[2].shape[1],
             ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(packed_group, 1), PACKED=packed_group > 0,
-            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+            DP4A=args[0].is_cuda and torch.version.hip is None, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return
@@ -812,7 +878,8 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
     Triton kernel) on these arguments: for int8 it runs an instruction Triton does not emit
     itself (``int8_wgmma_256``)."""
     global _wgmma_build_error, _n256_error
-    candidates = _candidate_configs(m, group == 0, group, packed_group, wgmma=_wgmma_runs(args[0].device, lora_dtype))
+    candidates = _candidate_configs(m, group == 0, group, packed_group, wgmma=_wgmma_runs(args[0].device, lora_dtype),
+                                    gemv_fits=_gemv_fits(args[0], args[2], packed_group))
     # The first candidate's output, kept only where an n256 candidate will be checked against it.
     check_n256 = _n256_error is None and any(cfg.n256 for cfg in candidates)
     launch = lambda cfg, weight=args[2]: _launch((*args[:2], weight, *args[3:]), m, n, k, rank, group, packed_group, has_bias, gelu, lora_dtype, cfg)
