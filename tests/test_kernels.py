@@ -21,11 +21,14 @@ _saved_interpret = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+import svdq_compile.kernels.gemm_epilogue as ek  # noqa: E402
 import svdq_compile.kernels.quantize_act_lowrank_down as qk  # noqa: E402
 import svdq_compile.kernels.unpack_weight as uk  # noqa: E402
 import svdq_compile.kernels.w4a4_gemm as gk  # noqa: E402
+import svdq_compile.kernels.w4a4_gemv as gv  # noqa: E402
 
-for _module, _kernel in ((qk, "_row_max_lowrank_kernel"), (qk, "_quantize_kernel"), (gk, "_w4a4_gemm_kernel"), (uk, "_unpack_weight_kernel")):
+# In import order: a module reloaded after the ones it imports from takes their reloaded functions.
+for _module, _kernel in ((ek, "grouped_tile"), (uk, "_unpack_weight_kernel"), (gv, "_w4a4_gemv_kernel"), (qk, "_quantize_kernel"), (gk, "_w4a4_gemm_kernel")):
     if not isinstance(getattr(_module, _kernel), InterpretedFunction):
         importlib.reload(_module)  # imported earlier without the interpreter
 if _saved_interpret is None:
@@ -344,13 +347,13 @@ def test_gemv_refuses_packed_rows_that_are_not_whole_words():
     GEMV config a message saying what to do instead of misaligned loads."""
     args = gemm_inputs(1, 24, 64 * 5, 16, torch.bfloat16, True, torch.Generator().manual_seed(5))
     packed = numerics.pack_weight_operand(args[2], 64, True)
-    assert not gk._gemv_fits(args[0], packed, 64) and gk._gemv_fits(args[0], args[2], 0)
+    assert not gv.gemv_fits(args[0], packed, 64) and gv.gemv_fits(args[0], args[2], 0)
     assert not any(cfg.gemv for cfg in gk._candidate_configs(1, True, 0, packed_group=64, gemv_fits=False))
     with pytest.raises(ValueError, match="4-byte words"):
         gk.w4a4_gemm(args[0], args[1], packed, *args[3:], torch.bfloat16, config=GEMV_CONFIGS[0])
     act_q = torch.zeros(1, 1 + 64 * 4, dtype=torch.int8)[:, 1:]  # a view one byte into its storage
-    assert not gk._gemv_fits(act_q, torch.zeros(8, 132, dtype=torch.uint8), 64)
-    assert gk._gemv_fits(act_q.clone(), torch.zeros(8, 132, dtype=torch.uint8), 64)
+    assert not gv.gemv_fits(act_q, torch.zeros(8, 132, dtype=torch.uint8), 64)
+    assert gv.gemv_fits(act_q.clone(), torch.zeros(8, 132, dtype=torch.uint8), 64)
 
 
 def test_gemv_configs_only_for_two_level_and_up_to_four_tokens():
@@ -409,7 +412,7 @@ def test_a_gluon_kernel_that_does_not_build_leaves_the_triton_kernels(monkeypatc
     launched = []
     original_launch = gk._launch
     monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
-    monkeypatch.setattr(gk, "_launch_wgmma", gluon_fails_to_build)
+    monkeypatch.setattr(gk, "launch_wgmma", gluon_fails_to_build)
     monkeypatch.setattr(gk, "_gpu_ms", fake_bench)
     monkeypatch.setattr(gk, "_wgmma_runs", lambda device, lora_dtype: gk._wgmma_build_error is None)  # "a Hopper GPU"
     monkeypatch.setattr(gk, "_wgmma_build_error", None)
@@ -489,7 +492,7 @@ def test_a_256_wide_candidate_is_picked_only_if_it_reproduces_the_first(n256_sca
     launched = []
     original_launch = gk._launch
     monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
-    monkeypatch.setattr(gk, "_launch_wgmma", gluon)
+    monkeypatch.setattr(gk, "launch_wgmma", gluon)
     monkeypatch.setattr(gk, "_gpu_ms", fake_bench)
     monkeypatch.setattr(gk, "_wgmma_runs", lambda device, lora_dtype: True)  # "a Hopper GPU"
     monkeypatch.setattr(gk, "_n256_error", None)

@@ -21,7 +21,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-from svdq_compile.kernels import int8_wgmma_256, w4a4_gemm as gk
+from svdq_compile.kernels import int8_wgmma_256, w4a4_gemm as gk, w4a4_gemm_wgmma as wg
 
 int8_wgmma_256.install_ptx_hook()
 # One binary per tile shape and instruction width: a persistent config differs only in its grid.
@@ -35,7 +35,7 @@ for i, cfg in enumerate(configs.values()):
         # The first build is checked in full; two more only for their shared memory: the widest
         # low-rank chunk (64), and an fp32 output (stored from the accumulator layout).
         for block_r, out in ((32, torch.bfloat16), (64, torch.bfloat16), (32, torch.float32)):
-            (a_shared, w_shared), layouts = gk._wgmma_layouts(cfg, block_r, torch.bfloat16, torch.int8 if typed == "i8" else torch.float8_e4m3fn, out)
+            (a_shared, w_shared), layouts = wg.wgmma_layouts(cfg, block_r, torch.bfloat16, torch.int8 if typed == "i8" else torch.float8_e4m3fn, out)
             signature = {"a_desc": f"tensordesc<{typed}[{cfg.block_m}, {cfg.block_k}],{a_shared!r}>",
                          "w_desc": f"tensordesc<{typed}[{cfg.block_n}, {cfg.block_k}],{w_shared!r}>"}
             signature.update(sa_ptr="*fp32", sw_ptr="*fp32", la_ptr="*bf16", lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16" if out == torch.bfloat16 else "*fp32",
@@ -43,7 +43,7 @@ for i, cfg in enumerate(configs.values()):
             constexprs = dict(ACC_DTYPE=gl.int32 if typed == "i8" else gl.float32, HAS_BIAS=True, GELU=True, BLOCK_R=block_r,
                               GROUP_M=cfg.group_m, STAGES=cfg.num_stages, INT8_AS_E4M3=int8_as_e4m3, **layouts)
             signature.update(dict.fromkeys(constexprs, "constexpr"))
-            kernel = triton.compile(GluonASTSource(gk._w4a4_gemm_wgmma_kernel, signature, constexprs),
+            kernel = triton.compile(GluonASTSource(wg._w4a4_gemm_wgmma_kernel, signature, constexprs),
                                     target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
             if name not in results:
                 if int8_as_e4m3:

@@ -2,7 +2,8 @@
 
 * ``quantize_act_lowrank_down``: smoothing, per-token int4 quantization and ``x @ lora_down^T``.
 * ``w4a4_gemm``: int8 (or fp8) tensor-core GEMM with the low-rank up projection, bias and cast in its
-  epilogue; on Hopper also a Gluon main loop that keeps one int8 wgmma in flight.
+  epilogue (``gemm_epilogue``, shared by its kernels); on Hopper also a Gluon main loop that keeps
+  one int8 wgmma in flight (``w4a4_gemm_wgmma``), and for 1-4 tokens a GEMV (``w4a4_gemv``).
 * ``unpack_weight``: a 4-bit packed weight to the GEMM's 8-bit operand, just before the GEMM (above
   64 tokens; below, ``w4a4_gemm`` expands a packed "int4_2level" weight's tiles itself).
 * ``int8_wgmma_256``: not an op: the PTX rename that gives the Gluon GEMM a 256-wide int8 wgmma.

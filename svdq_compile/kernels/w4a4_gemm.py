@@ -16,20 +16,18 @@
   output columns ``gelu_start:gelu_end``, cast to ``out_dtype``. The GELU there saves the separate
   elementwise pass that would read and write the whole output again (an MLP's up projection); it
   adds about 50 us to a 4096 x 12288 x 3072 GEMM on an H100, against 130 us for that pass
-  (KERNEL_NOTES.md, v8). The Gluon kernels below take tanh from the GPU's ``tanh.approx.f32``,
-  off by at most ``0.5 |v| 2^-10.987`` (``_gelu_tanh_approx``).
+  (KERNEL_NOTES.md, v8). The Gluon kernels take tanh from the GPU's ``tanh.approx.f32``, off by
+  at most ``0.5 |v| 2^-10.987`` (``gemm_epilogue.gelu_tanh_approx``).
 
-On Hopper (sm_90), large M also has candidates whose main loop is written in Gluon, Triton's
-lower-level dialect (``wgmma`` configs): TMA loads several K tiles ahead and one wgmma kept in
-flight while the next is issued, which Triton's own pipeliner does for fp32 accumulators only.
-Their epilogue stores 16-bit outputs in 16-byte pieces through shared memory, as Triton's own
-kernels do. For int8 they won 3-14% over the Triton kernels at FLUX's large shapes on an H200 with
-three stages; four (lora_up's chunk reusing a stage's buffer) added 6-10%. For fp8 Triton's
-kernels were faster (KERNEL_NOTES.md, v11, v14). Two more (``n256``) issue 256-wide wgmmas, as
-Triton's own fp8 loop does; for int8 that needs ``int8_wgmma_256`` (Triton lowers s8 wgmmas only
-up to N = 224), and such a candidate is only picked after it reproduced the first candidate's
-output during tuning (on an H200 it was bit-equal to the 128-wide kernel, and 1-6% faster at the
-same tile). The autotuner picks per shape.
+This module holds the op, its Triton tile kernels, the configs and the tuner that picks one per
+shape; two more kernels live in modules of their own, each run for its configs:
+
+* ``w4a4_gemm_wgmma``: on Hopper (sm_90), large M also has candidates whose main loop is written in
+  Gluon (``wgmma`` configs), which keep one int8 wgmma in flight while the next is issued. For
+  fp8 Triton's kernels were faster (KERNEL_NOTES.md, v11, v14). ``n256`` candidates issue 256-wide
+  int8 wgmmas through ``int8_wgmma_256``, and are only picked after they reproduced the first
+  candidate's output during tuning (on an H200 bit-equal, and 1-6% faster at the same tile).
+* ``w4a4_gemv``: up to 4 tokens, GEMV-shaped candidates (``gemv`` configs) on the CUDA cores.
 
 Large M may run persistent (one program per SM walking the tiles, TMA loads), optionally leaving
 a last wave that would fill at most half the SMs to a split-K launch. Small M is memory-bound on
@@ -37,11 +35,7 @@ the weight: those configs use small M tiles, more programs along N and, for the 
 split-K. Each split stores its int32 partial sums in its own workspace slice; the last split of a
 tile to arrive (a per-tile counter) adds up all slices (exact integers, so the result does not
 depend on the order) and runs the epilogue. Plain stores, not atomics: integer atomics on whole
-tiles cost more than the split saved (KERNEL_NOTES.md, v9). Up to 4 tokens also have GEMV-shaped
-candidates (``gemv`` configs): one program per few weight rows for all tokens, on the CUDA cores,
-with no 16-row tile to pad; at M = 1 on an H200 they took 0.75-1.0x the time of the best tile on
-8-bit weights and 0.65-0.94x on packed ones, which they now read in ``dp4a`` words, 0.69-0.97x the
-time of the nibble-by-nibble version at M = 1 and 0.60-0.93x at M = 2. The best config per (format, M bucket, N, K, rank
+tiles cost more than the split saved (KERNEL_NOTES.md, v9). The best config per (format, M bucket, N, K, rank
 chunks, dtype) is measured on the first call (GPU time, CUDA-graph replays) and cached.
 """
 
@@ -57,31 +51,15 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from ..numerics import apply_gelu_columns, packed_weight_columns, unpack_weight_operand
-from . import int8_wgmma_256, sm_count
-from .int8_wgmma_256 import mark_int8_as_e4m3
+from . import sm_count
+from .gemm_epilogue import grouped_tile, lowrank_bias_gelu_store
 from .unpack_weight import expand_int4_tile
-
-# Gluon's TMA load was renamed after Triton 3.6 (the GPU machine's version; CI has a newer one).
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-# So was shared memory's reinterpret (``_reinterpret`` in 3.6).
-_REINTERPRET_PUBLIC = tl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+from .w4a4_gemm_wgmma import launch_wgmma
+from .w4a4_gemv import gemv_fits, launch_gemv
 
 _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
-@triton.jit
-def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """``(pid_m, pid_n)`` of output tile number ``tile`` in grouped order: GROUP_M rows of tiles at a
-    time, so that consecutive tiles share weight tiles in L2."""
-    pids_in_group = GROUP_M * num_pid_n
-    first_m = (tile // pids_in_group) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile % pids_in_group) % group_rows, (tile % pids_in_group) // group_rows
 
 
 @triton.jit
@@ -100,7 +78,7 @@ def _w4a4_gemm_kernel(
     # Output tile first_tile + pid (a persistent launch may have done the tiles before it); its
     # split-K partial sums and counter are the pid-th of the workspace.
     pid = tl.program_id(0)
-    pid_m, pid_n = _grouped_tile(first_tile + pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(first_tile + pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -149,7 +127,7 @@ def _w4a4_gemm_kernel(
                 w_ptrs += BLOCK_K
         if SPLIT_K == 1:
             out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
-            _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
+            lowrank_bias_gelu_store(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
                       HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
         else:
             # Each split stores its partial sums in its own slice of the tile's workspace (rows and
@@ -169,7 +147,7 @@ def _w4a4_gemm_kernel(
                     acc += tl.load(tile_ws + other * tile_elems, cache_modifier=".cg")  # from L2, not L1
                 tl.atomic_xchg(count_ptr + pid, 0)  # leave the counters zeroed for the next launch
                 out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
-                _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
+                lowrank_bias_gelu_store(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
                           HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
     else:
         # Float group scales: BLOCK_K == GROUP, one exact int32 dot per group, rescaled in fp32.
@@ -184,7 +162,7 @@ def _w4a4_gemm_kernel(
             out += dot * sa[:, None] * sw[None, :]
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
+        lowrank_bias_gelu_store(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
                   HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
 
 
@@ -207,7 +185,7 @@ def _w4a4_gemm_persistent_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=ACC_DTYPE == tl.int32):
-        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for kt in range(0, k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
@@ -218,300 +196,8 @@ def _w4a4_gemm_persistent_kernel(
         rows_a = (offs_m % M).to(tl.int64)
         rows_w = (offs_n % N).to(tl.int64)
         out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
-        _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
+        lowrank_bias_gelu_store(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, pid_n * BLOCK_N, M, N, R, gelu_start, gelu_end,
                   HAS_BIAS, GELU, LORA_DTYPE, LORA_PRECISION, BLOCK_R)
-
-
-@triton.jit
-def _dot4(u, s, acc, DP4A: tl.constexpr):
-    """``acc`` plus the dot product of the four unsigned bytes of ``u`` and the four signed bytes of
-    ``s`` (int32 words, elementwise): one ``dp4a`` instruction on an NVIDIA GPU; with ``DP4A`` off
-    (the CPU interpreter, which runs no PTX) the same sum from the bytes one by one."""
-    if DP4A:
-        out = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [u, s, acc], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        out = acc
-        for i in tl.static_range(4):
-            out += ((u >> (8 * i)) & 0xFF) * ((s << (24 - 8 * i)) >> 24)
-    return out
-
-
-@triton.jit
-def _even_odd_bytes(first, second, DP4A: tl.constexpr):
-    """Two consecutive words of int8 columns (c .. c+3, c+4 .. c+7) regrouped as the words of the
-    even columns (c, c+2, c+4, c+6) and of the odd ones: one ``prmt`` each on an NVIDIA GPU."""
-    if DP4A:
-        even = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x6420;", "=r,r,r", [first, second], dtype=tl.int32, is_pure=True, pack=1)
-        odd = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", [first, second], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        even = (first & 0xFF) | ((first >> 8) & 0xFF00) | ((second << 16) & 0xFF0000) | ((second << 8) & -0x1000000)
-        odd = ((first >> 8) & 0xFF) | ((first >> 16) & 0xFF00) | ((second << 8) & 0xFF0000) | (second & -0x1000000)
-    return even, odd
-
-
-@triton.jit
-def _w4a4_gemv_kernel(
-    a_ptr, sa_ptr, w_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
-    M, N, K, R, gelu_start, gelu_end, W_COLS,
-    ACC_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr, DP4A: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """Two-level scales, M <= BLOCK_M <= 4 tokens (FLUX's adaLN projections: M = 1): one program
-    per BLOCK_N weight rows serves every token, so each weight byte is read once; products on the
-    CUDA cores (int32, or fp32 for fp8 operands), each token's dot reduced per K tile. A tensor-core
-    tile has at least 16 rows, 15 of them padding at M = 1.
-
-    PACKED ("int4_2level" rows, as in ``_w4a4_gemm_kernel``; K / GROUP a multiple of 4, so that rows
-    start on 4-byte words): the weight is read in words of eight nibbles, columns c .. c+7 with
-    column c + 2i in byte i's low nibble. Flipping each nibble's top bit turns q into q + 8 in
-    0..15, so one ``dp4a`` multiplies the four low nibbles by the even columns' activations and one
-    the high nibbles by the odd ones; each group's sum takes back 8 * sum(a) and is multiplied by
-    its multiplier once. The same exact integers as expanding the values first, in 3-4
-    instructions per weight byte in the K loop instead of 8-9 (KERNEL_NOTES.md v23)."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_w = (offs_n % N).to(tl.int64)  # rows past N load a valid row (never stored)
-    offs_m = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    if PACKED:
-        GROUPS: tl.constexpr = BLOCK_K // GROUP  # whole groups per K tile
-        # A group's words are taken in chunks of up to four (16 bytes): one thread's load, whose
-        # sum stays in the thread; the groups' sums stay apart until after the K loop.
-        CHUNK: tl.constexpr = min(4, GROUP // 8)
-        offs_g = tl.arange(0, GROUPS)
-        offs_c = tl.arange(0, CHUNK)
-        # The word offsets of the rows, hinted as multiples of 4 so that loads take 16 bytes.
-        w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + tl.multiple_of(rows_w * (W_COLS // 4), 4)
-        a_words = a_ptr.to(tl.pointer_type(tl.int32))
-        ones = tl.full((GROUPS, CHUNK), 0x01010101, tl.int32)
-        group_acc = tl.zeros((BLOCK_M, BLOCK_N, GROUPS), dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            g_ok = (k0 // GROUP + offs_g) < K // GROUP  # K is a multiple of GROUP
-            mult = tl.load(w_ptr + rows_w[:, None] * W_COLS + K // 2 + k0 // GROUP + offs_g[None, :], mask=g_ok[None, :], other=0).to(tl.int32)
-            for c0 in tl.static_range(0, GROUP // 8, CHUNK):
-                word = tl.load(w_rows[:, None, None] + k0 // 8 + offs_g[None, :, None] * (GROUP // 8) + c0 + offs_c[None, None, :],
-                               mask=g_ok[None, :, None], other=0)
-                flipped = word ^ -0x77777778  # 0x88888888 as int32
-                low = flipped & 0x0F0F0F0F
-                high = (flipped >> 4) & 0x0F0F0F0F
-                for t in tl.static_range(BLOCK_M):
-                    if t < M:
-                        a = tl.load(a_words + tl.multiple_of(t * (K // 4), 4) + k0 // 4 + offs_g[:, None] * (GROUP // 4) + 2 * c0 + tl.arange(0, 2 * CHUNK)[None, :],
-                                    mask=g_ok[:, None], other=0)
-                        first, second = tl.split(tl.reshape(a, (GROUPS, CHUNK, 2)))
-                        even, odd = _even_odd_bytes(first, second, DP4A)
-                        offset = 8 * tl.sum(_dot4(ones, first, _dot4(ones, second, tl.zeros_like(first), DP4A), DP4A), axis=1)
-                        sums = _dot4(high, tl.broadcast_to(odd[None], high.shape), _dot4(low, tl.broadcast_to(even[None], low.shape), tl.zeros_like(low), DP4A), DP4A)
-                        part = (tl.sum(sums, axis=2) - offset[None, :]) * mult
-                        group_acc = tl.where(offs_m[:, None, None] == t, group_acc + part[None], group_acc)
-        acc = tl.sum(group_acc, axis=2)
-    else:
-        offs_k = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + offs_k) < K
-            w = tl.load(w_ptr + rows_w[:, None] * W_COLS + (k0 + offs_k)[None, :], mask=k_ok[None, :], other=0.0).to(ACC_DTYPE)
-            for t in tl.static_range(BLOCK_M):
-                if t < M:
-                    a = tl.load(a_ptr + t * K + k0 + offs_k, mask=k_ok, other=0.0).to(ACC_DTYPE)
-                    acc = tl.where(offs_m[:, None] == t, acc + tl.sum(w * a[None, :], axis=1)[None, :], acc)
-    rows_a = offs_m % M
-    out = acc.to(tl.float32) * tl.load(sa_ptr + rows_a)[:, None] * tl.load(sw_ptr + rows_w)[None, :]
-    offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):  # the low-rank part: fp32 products, exact for 16-bit factors
-        r_ok = (r0 + offs_r) < R
-        lu = tl.load(lu_ptr + rows_w[:, None] * R + (r0 + offs_r)[None, :], mask=r_ok[None, :], other=0.0).to(tl.float32)
-        for t in tl.static_range(BLOCK_M):
-            if t < M:
-                la = tl.load(la_ptr + t * R + r0 + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-                out = tl.where(offs_m[:, None] == t, out + tl.sum(lu * la[None, :], axis=1)[None, :], out)
-    _bias_gelu_store(out, bias_ptr, out_ptr, rows_w, offs_m, offs_n, tl.program_id(0) * BLOCK_N, M, N, gelu_start, gelu_end, HAS_BIAS, GELU)
-
-
-@gluon.jit
-def _w4a4_gemm_wgmma_kernel(
-    a_desc, w_desc, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
-    M, N, K, R, gelu_start, gelu_end, num_programs,
-    ACC_DTYPE: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BLOCK_R: gl.constexpr,
-    GROUP_M: gl.constexpr, STAGES: gl.constexpr, INT8_AS_E4M3: gl.constexpr,
-    ACC_LAYOUT: gl.constexpr, LORA_LAYOUT: gl.constexpr, LU_LOAD_LAYOUT: gl.constexpr, LU_SHARED_LAYOUT: gl.constexpr,
-    STORE_LAYOUT: gl.constexpr,
-):
-    """Two-level scales on Hopper: the plain kernel's computation with its main loop written in
-    Gluon, so that one wgmma stays in flight while the next is issued. Triton's own pipeliner does
-    that only for fp32 accumulators and waits for every int8 wgmma (KERNEL_NOTES.md, v10/v11).
-
-    Program p does output tiles p, p + num_programs, ... (num_programs = the tile count: one tile
-    each). Its (tile, K tile) steps form one sequence, and TMA loads run STAGES - 1 steps ahead in
-    it (zero-filled past M, N and K), so the next tile's first loads are in flight during a tile's
-    epilogue. The epilogue's low-rank dot is one more (synchronous) wgmma, in bf16/fp16, with
-    lora_up's chunk in the weight buffer of the tile's last K step.
-
-    INT8_AS_E4M3: int8 operands typed as e4m3 and an f32 accumulator, so that the wgmma can be
-    256 wide; the PTX hook of ``int8_wgmma_256`` renames it to s8, and the int32 sums are bit-cast
-    back before the epilogue."""
-    if INT8_AS_E4M3:
-        mark_int8_as_e4m3()
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    steps = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), num_programs) * k_tiles
-
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    # lora_up's chunk for the epilogue's low-rank wgmma goes into the weight buffer of the stage
-    # the tile's last K step used, which no load refills before the next tile's first step: a
-    # buffer of its own would leave no room for the fourth stage (KERNEL_NOTES.md, v14).
-    LU_IN_STAGE: gl.constexpr = BLOCK_K * w_desc.dtype.primitive_bitwidth >= BLOCK_R * lu_ptr.dtype.element_ty.primitive_bitwidth
-    if not LU_IN_STAGE:
-        lu_own = gl.allocate_shared_memory(lu_ptr.dtype.element_ty, [BLOCK_N, BLOCK_R], LU_SHARED_LAYOUT)
-    for i in gl.static_range(STAGES - 1):
-        _wgmma_load_step(a_desc, w_desc, a_bufs, w_bufs, ready, i, steps, k_tiles, num_pid_m, num_pid_n, num_programs, GROUP_M, STAGES)
-
-    step = 0
-    for tile in range(gl.program_id(0), num_pid_m * num_pid_n, num_programs):
-        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE, layout=ACC_LAYOUT)
-        for kt in range(k_tiles):
-            stage = step % STAGES
-            mbarrier.wait(ready.index(stage), (step // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(stage), w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
-            # Wait for the previous wgmma only: its stage then takes the step STAGES - 1 ahead
-            # while this one runs.
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_bufs.index(stage), w_bufs.index(stage)))[0]
-            _wgmma_load_step(a_desc, w_desc, a_bufs, w_bufs, ready, step + STAGES - 1, steps, k_tiles, num_pid_m, num_pid_n, num_programs, GROUP_M, STAGES)
-            step += 1
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if INT8_AS_E4M3:
-            acc = acc.to(gl.int32, bitcast=True)
-        if LU_IN_STAGE:
-            last_w = w_bufs.index((step - 1) % STAGES)
-            if _REINTERPRET_PUBLIC:
-                lu_smem = last_w.reinterpret(lu_ptr.dtype.element_ty, [BLOCK_N, BLOCK_R], LU_SHARED_LAYOUT)
-            else:
-                lu_smem = last_w._reinterpret(lu_ptr.dtype.element_ty, [BLOCK_N, BLOCK_R], LU_SHARED_LAYOUT)
-        else:
-            lu_smem = lu_own
-        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                        M, N, R, gelu_start, gelu_end, HAS_BIAS, GELU, BLOCK_R, ACC_LAYOUT, LORA_LAYOUT, LU_LOAD_LAYOUT, STORE_LAYOUT)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-
-
-@gluon.jit
-def _wgmma_load_step(a_desc, w_desc, a_bufs, w_bufs, ready, step, steps, k_tiles, num_pid_m, num_pid_n, num_programs,
-                     GROUP_M: gl.constexpr, STAGES: gl.constexpr):
-    """Start the TMA loads of step ``step`` (this program's tile ``step // k_tiles``, K tile
-    ``step % k_tiles``) into its stage; nothing past the last step."""
-    pid_m, pid_n = _grouped_tile(gl.program_id(0) + (step // k_tiles) * num_programs, num_pid_m, num_pid_n, GROUP_M)
-    stage = step % STAGES
-    k = (step % k_tiles) * a_desc.block_type.shape[1]
-    mbarrier.expect(ready.index(stage), a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=step < steps)
-    _tma_load(a_desc, [pid_m * a_desc.block_type.shape[0], k], ready.index(stage), a_bufs.index(stage), pred=step < steps)
-    _tma_load(w_desc, [pid_n * w_desc.block_type.shape[0], k], ready.index(stage), w_bufs.index(stage), pred=step < steps)
-
-
-@gluon.jit
-def _wgmma_epilogue(acc, lu_smem, sa_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr, off_m, off_n, M, N, R, gelu_start, gelu_end,
-                    HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BLOCK_R: gl.constexpr,
-                    ACC_LAYOUT: gl.constexpr, LORA_LAYOUT: gl.constexpr, LU_LOAD_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr):
-    """The Gluon kernel's ``_epilogue``: scales, + lora_act @ lora_up^T, + bias, GELU, store."""
-    BLOCK_M: gl.constexpr = acc.shape[0]
-    BLOCK_N: gl.constexpr = acc.shape[1]
-    # Rows past M / N read a valid row instead (never stored), as in the plain kernel.
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
-    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
-    rows_a = (offs_m % M).to(gl.int64)
-    rows_w = (offs_n % N).to(gl.int64)
-    out = acc.to(gl.float32) * gl.load(sa_ptr + rows_a)[:, None] * gl.load(sw_ptr + rows_w)[None, :]
-    if R > 0:
-        # lora_act from registers, lora_up through shared memory, in the 16-bit wgmma's
-        # accumulator layout (the same registers as the 8-bit one's).
-        out = gl.convert_layout(out, LORA_LAYOUT, assert_trivial=True)
-        la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LORA_LAYOUT, k_width=2)
-        la_rows = ((off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, la_layout))) % M).to(gl.int64)
-        la_cols = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, la_layout))
-        lu_rows = ((off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LU_LOAD_LAYOUT))) % N).to(gl.int64)
-        lu_cols = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LU_LOAD_LAYOUT))
-        for r0 in range(0, R, BLOCK_R):
-            la = gl.load(la_ptr + la_rows[:, None] * R + (r0 + la_cols)[None, :], mask=((r0 + la_cols) < R)[None, :], other=0.0)
-            lu = gl.load(lu_ptr + lu_rows[:, None] * R + (r0 + lu_cols)[None, :], mask=((r0 + lu_cols) < R)[None, :], other=0.0)
-            tl.debug_barrier()  # every warpgroup is done reading the previous chunk
-            lu_smem.store(lu)
-            fence_async_shared()  # make the stores visible to the wgmma (async proxy) ...
-            tl.debug_barrier()  # ... from every thread
-            out = warpgroup_mma(la, lu_smem.permute((1, 0)), out)
-        out = gl.convert_layout(out, ACC_LAYOUT, assert_trivial=True)
-    if HAS_BIAS:
-        out += gl.load(bias_ptr + rows_w).to(gl.float32)[None, :]
-    if GELU:
-        if (off_n < gelu_end) & (off_n + BLOCK_N > gelu_start):
-            out = gl.where(((offs_n >= gelu_start) & (offs_n < gelu_end))[None, :], _gelu_tanh_approx(out), out)
-    # 16-bit outputs: stored in 16-byte pieces along the rows, after a layout change through
-    # shared memory. From the accumulator layout each thread stores 4-byte pieces scattered over
-    # 8 rows: 9-13% slower at FLUX's K = 3072 GEMMs with the same stages (KERNEL_NOTES.md, v14).
-    # (A 4-byte output's STORE_LAYOUT is the accumulator's: no change.)
-    out = gl.convert_layout(out.to(out_ptr.dtype.element_ty), STORE_LAYOUT)
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, STORE_LAYOUT))
-    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, STORE_LAYOUT))
-    out_ptrs = out_ptr + offs_m.to(gl.int64)[:, None] * N + offs_n[None, :]
-    gl.store(out_ptrs, out, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-@triton.jit
-def _gelu_tanh(v):
-    """GELU, tanh approximation, in fp32: ``0.5 v (1 + tanh(u)) = v / (1 + exp(-2u))`` with
-    ``u = sqrt(2/pi) (v + 0.044715 v^3)``. Few instructions (the epilogue of a persistent tile does
-    not overlap its main loop, so they cost GEMM time) and no cancellation: exact limits at large |v|."""
-    two_u = v * (1.5957691216057308 + 0.07135481627260025 * v * v)
-    return v / (1.0 + tl.exp(-two_u))
-
-
-@triton.jit
-def _gelu_tanh_approx(v):
-    """``_gelu_tanh`` as ``0.5 v (1 + tanh(u))`` with the GPU's ``tanh.approx.f32``: one MUFU
-    operation per element where ``_gelu_tanh`` takes two (exp and the reciprocal), and an epilogue
-    that does not overlap its main loop pays for each (3-5% of FLUX's GELU GEMMs on an H200,
-    KERNEL_NOTES.md v22). tanh.approx is off by at most 2^-10.987 of |tanh| (PTX ISA), so the
-    output by at most ``0.5 |v| 2^-10.987``: a large relative error only where GELU's output is
-    small (near v = -3), and the 4-bit layer that reads it kept its error (v20). PTX: CUDA only,
-    for the Gluon kernels (the Triton ones also run in the CPU interpreter)."""
-    u = v * (0.7978845608028654 + 0.035677408136300125 * v * v)
-    tanh_u = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32, is_pure=True, pack=1)
-    half_v = 0.5 * v
-    return half_v + half_v * tanh_u
-
-
-@triton.jit
-def _epilogue(out, la_ptr, lu_ptr, bias_ptr, out_ptr, rows_a, rows_w, offs_m, offs_n, tile_n, M, N, R, gelu_start, gelu_end,
-              HAS_BIAS: tl.constexpr, GELU: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
-              BLOCK_R: tl.constexpr):
-    """out += lora_act @ lora_up^T (rank in chunks of BLOCK_R), then ``_bias_gelu_store``.
-    ``tile_n`` is the tile's first column."""
-    offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        r_ok = (r0 + offs_r) < R
-        la = tl.load(la_ptr + rows_a[:, None] * R + (r0 + offs_r)[None, :], mask=r_ok[None, :], other=0.0)
-        lu = tl.load(lu_ptr + rows_w[:, None] * R + (r0 + offs_r)[None, :], mask=r_ok[None, :], other=0.0)
-        out = tl.dot(la.to(LORA_DTYPE), tl.trans(lu.to(LORA_DTYPE)), out, input_precision=LORA_PRECISION)
-    _bias_gelu_store(out, bias_ptr, out_ptr, rows_w, offs_m, offs_n, tile_n, M, N, gelu_start, gelu_end, HAS_BIAS, GELU)
-
-
-@triton.jit
-def _bias_gelu_store(out, bias_ptr, out_ptr, rows_w, offs_m, offs_n, tile_n, M, N, gelu_start, gelu_end, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
-    """out += bias; GELU on the columns gelu_start..gelu_end - 1 (when GELU; tiles outside the
-    range skip it); store the rows ``offs_m`` < M and columns ``offs_n`` < N as out's dtype."""
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rows_w).to(tl.float32)[None, :]
-    if GELU:
-        if (tile_n < gelu_end) & (tile_n + out.shape[1] > gelu_start):
-            out = tl.where(((offs_n >= gelu_start) & (offs_n < gelu_end))[None, :], _gelu_tanh(out), out)
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -549,7 +235,7 @@ def _candidate_configs(m: int, two_level: bool, group_size: int, packed_group: i
     """The tile configs ``_tune`` times; the first is the default where nothing is timed.
     ``packed_group``: the weight is packed (the plain and GEMV kernels only); ``wgmma``: the Gluon
     kernel can run (Hopper, 16-bit low-rank operands); ``gemv_fits``: the GEMV kernel can read
-    the operands (``_gemv_fits``)."""
+    the operands (``gemv_fits``)."""
     if packed_group:
         return [cfg for cfg in _candidate_configs(m, True, 0, gemv_fits=gemv_fits) if not cfg.persistent]
     if two_level and m <= 4:
@@ -639,21 +325,6 @@ def _packed_2level_group(k: int, columns: int) -> int:
     return next((g for g in (16, 32, 64, 128, 256) if k % g == 0 and columns == packed_weight_columns(k, g, True)), 0)
 
 
-def _gemv_fits(act_q: Tensor, weight_q: Tensor, packed_group: int) -> bool:
-    """Whether the GEMV kernel takes these operands: it reads a packed weight and its int8
-    activations in 4-byte words, so packed rows (K / 2 + K / G bytes) must be whole words, and
-    both operands must start on one.
-
-    Example:
-        >>> a = torch.zeros(1, 3072, dtype=torch.int8)
-        >>> _gemv_fits(a, torch.zeros(8, 1584, dtype=torch.uint8), 64), _gemv_fits(a[:, :320], torch.zeros(8, 165, dtype=torch.uint8), 64)
-        (True, False)
-    """
-    if not packed_group:
-        return True  # read value by value
-    return (act_q.shape[1] // packed_group) % 4 == 0 and act_q.data_ptr() % 4 == weight_q.data_ptr() % 4 == 0
-
-
 def _check_args(act_q: Tensor, act_scales: Tensor, weight_q: Tensor, weight_scales: Tensor, lora_act: Tensor, lora_up: Tensor, bias: Tensor | None) -> tuple[int, int]:
     """Validate shapes; return the group size of float group scales (0: two-level) and of a packed
     weight_q (0: not packed)."""
@@ -701,21 +372,15 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, packed_g
     block_r = 16 if rank <= 16 else (32 if rank <= 32 else 64)
     lora_tl, lora_precision = _TORCH_TO_TL[lora_dtype], "ieee" if lora_dtype == torch.float32 else "tf32"
     if cfg.wgmma:
-        _launch_wgmma(args, m, n, k, rank, has_bias, gelu, acc_dtype, block_r, cfg)
+        if not _wgmma_runs(args[0].device, args[5].dtype) or args[4].dtype != args[5].dtype:
+            raise ValueError("w4a4_gemm: a wgmma config needs a Hopper GPU and lora_act, lora_up of one 16-bit dtype")
+        launch_wgmma(args, m, n, k, rank, has_bias, gelu, acc_dtype, block_r, cfg)
         return
     block_k = max(cfg.block_k, packed_group) if two_level else group  # a packed tile holds whole groups
     if cfg.gemv:
         if not two_level or m > cfg.block_m:
             raise ValueError(f"w4a4_gemm: a gemv config takes two-level scales and at most block_m = {cfg.block_m} tokens, got M = {m}")
-        if not _gemv_fits(args[0], args[2], packed_group):
-            raise ValueError(f"w4a4_gemm: a gemv config reads a packed weight in 4-byte words: it needs K / G = {k} / {packed_group} "
-                             "a multiple of 4 and act_q and weight_q starting on 4-byte boundaries; take a tile config (or none) here")
-        _w4a4_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-            *args, m, n, k, rank, *gelu, args[2].shape[1],
-            ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], GROUP=max(packed_group, 1), PACKED=packed_group > 0,
-            DP4A=args[0].is_cuda and torch.version.hip is None, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        launch_gemv(args, m, n, k, rank, packed_group, has_bias, gelu, acc_dtype, block_k, block_r, cfg)
         return
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     first_tile, split_k = 0, cfg.split_k if two_level else 1
@@ -747,56 +412,10 @@ def _launch(args: tuple, m: int, n: int, k: int, rank: int, group: int, packed_g
     )
 
 
-@functools.cache
-def _wgmma_layouts(cfg: GemmConfig, block_r: int, lora_dtype: torch.dtype, operand_dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[tuple, dict]:
-    """The Gluon kernel's layouts for ``cfg``: the shared-memory layouts of its two TMA descriptors
-    (act_q's, weight_q's) and its layout constexpr arguments. Cached: building them takes about
-    70 us of Python, on every launch otherwise.
-
-    Warps tile M first (a wgmma spans 4 warps and 64 rows), then N. The instruction's N is at most
-    128 (Triton lowers an int8 wgmma up to N = 224, and 128 divides every tile width used here),
-    or 256 for ``cfg.n256``, where ``operand_dtype`` is the type the kernel is built with (e4m3 for
-    int8 data, see ``int8_wgmma_256``). The 8-bit and the 16-bit wgmma share the accumulator's
-    register layout, so the epilogue's low-rank dot moves no data. A 16-bit ``out_dtype`` is
-    stored in 16-byte pieces along the rows.
-
-    Example:
-        >>> _, constexprs = _wgmma_layouts(GemmConfig(128, 256, 128, 1, 8, 4, wgmma=True), 32, torch.bfloat16, torch.int8, torch.bfloat16)
-        >>> constexprs["ACC_LAYOUT"].instr_shape
-        [16, 128, 32]
-    """
-    warps_m = min(cfg.num_warps, max(cfg.block_m // 16, 4))
-    warps = [warps_m, cfg.num_warps // warps_m]
-    instr_n = cfg.block_n // warps[1] if cfg.n256 else min(cfg.block_n // warps[1], 128)
-    if cfg.n256 and instr_n != 256:
-        raise ValueError(f"w4a4_gemm: an n256 config needs 256 columns per column of warps, got {cfg}")
-    lanes_r = block_r // 8  # 16-byte loads of lora_up along the rank
-    operand_gl = gl.int8 if operand_dtype == torch.int8 else gl.float8e4nv
-    acc_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 32])
-    if out_dtype.itemsize == 4:
-        # Stored from the accumulator layout (8-byte pieces already): the layout change would
-        # take 64 KiB of shared memory, which four stages leave no room for.
-        store_layout = acc_layout
-    else:
-        per_thread = 16 // out_dtype.itemsize  # 16-byte stores along N
-        lanes_n = min(32, cfg.block_n // per_thread)
-        store_layout = gl.BlockedLayout([1, per_thread], [32 // lanes_n, lanes_n], [cfg.num_warps, 1], [1, 0])
-    descriptors = tuple(gl.NVMMASharedLayout.get_default_for([rows, cfg.block_k], operand_gl) for rows in (cfg.block_m, cfg.block_n))
-    return descriptors, dict(
-        ACC_LAYOUT=acc_layout,
-        LORA_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 16]),
-        LU_LOAD_LAYOUT=gl.BlockedLayout([1, 8], [32 // lanes_r, lanes_r], [cfg.num_warps, 1], [1, 0]),
-        LU_SHARED_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, block_r], gl.bfloat16 if lora_dtype == torch.bfloat16 else gl.float16),
-        STORE_LAYOUT=store_layout,
-    )
-
-
 # Why the Gluon kernel failed to build in this process (it is then no longer a candidate).
 _wgmma_build_error: str | None = None
 # Why the 256-wide wgmma candidates failed or strayed in this process (they are then dropped).
 _n256_error: str | None = None
-# Compiled int8-as-e4m3 kernels whose PTX rename was checked (ids of Triton's compiled kernels).
-_renamed_kernels: set[int] = set()
 
 
 @functools.cache
@@ -809,31 +428,6 @@ def _wgmma_runs(device: torch.device, lora_dtype: torch.dtype) -> bool:
     """Whether the Gluon kernel can run: a Hopper GPU, 16-bit low-rank operands, and no earlier
     failure to build it."""
     return _hopper(device) and lora_dtype in (torch.bfloat16, torch.float16) and _wgmma_build_error is None
-
-
-def _launch_wgmma(args: tuple, m: int, n: int, k: int, rank: int, has_bias: bool, gelu: tuple[int, int], acc_dtype: tl.dtype, block_r: int, cfg: GemmConfig) -> None:
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    act_q, act_scales, weight_q, weight_scales, lora_act, lora_up, bias, out = args
-    if not _wgmma_runs(act_q.device, lora_up.dtype) or lora_act.dtype != lora_up.dtype:
-        raise ValueError("w4a4_gemm: a wgmma config needs a Hopper GPU and lora_act, lora_up of one 16-bit dtype")
-    int8_as_e4m3 = cfg.n256 and act_q.dtype == torch.int8
-    if int8_as_e4m3:  # the same bytes, typed so that the wgmma lowers 256 wide (int8_wgmma_256)
-        int8_wgmma_256.install_ptx_hook()
-        act_q, weight_q, acc_dtype = act_q.view(torch.float8_e4m3fn), weight_q.view(torch.float8_e4m3fn), tl.float32
-    (a_shared, w_shared), constexprs = _wgmma_layouts(cfg, block_r, lora_up.dtype, act_q.dtype, out.dtype)
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    programs = min(sm_count(act_q.device), tiles) if cfg.persistent else tiles
-    kernel = _w4a4_gemm_wgmma_kernel[(programs,)](
-        TensorDescriptor.from_tensor(act_q, [cfg.block_m, cfg.block_k], a_shared),
-        TensorDescriptor.from_tensor(weight_q, [cfg.block_n, cfg.block_k], w_shared),
-        act_scales, weight_scales, lora_act, lora_up, bias, out, m, n, k, rank, *gelu, programs,
-        ACC_DTYPE=acc_dtype, HAS_BIAS=has_bias, GELU=gelu[0] < gelu[1], BLOCK_R=block_r,
-        GROUP_M=cfg.group_m, STAGES=cfg.num_stages, INT8_AS_E4M3=int8_as_e4m3, **constexprs, num_warps=cfg.num_warps,
-    )
-    if int8_as_e4m3 and id(kernel) not in _renamed_kernels:
-        int8_wgmma_256.check_renamed(kernel)
-        _renamed_kernels.add(id(kernel))
 
 
 def _tail_split(tiles: int, programs: int, k_tiles: int) -> tuple[int, int]:
@@ -879,7 +473,7 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
     itself (``int8_wgmma_256``)."""
     global _wgmma_build_error, _n256_error
     candidates = _candidate_configs(m, group == 0, group, packed_group, wgmma=_wgmma_runs(args[0].device, lora_dtype),
-                                    gemv_fits=_gemv_fits(args[0], args[2], packed_group))
+                                    gemv_fits=gemv_fits(args[0], args[2], packed_group))
     # The first candidate's output, kept only where an n256 candidate will be checked against it.
     check_n256 = _n256_error is None and any(cfg.n256 for cfg in candidates)
     launch = lambda cfg, weight=args[2]: _launch((*args[:2], weight, *args[3:]), m, n, k, rank, group, packed_group, has_bias, gelu, lora_dtype, cfg)
