@@ -401,12 +401,11 @@ def profile_forward(model: nn.Module, inputs: dict, forwards: int = 3) -> dict:
 
 def _svdq_operands() -> list[torch.Tensor]:
     """The quantized operand tensors the svdquant backend holds for live weights."""
-    if "svdq_compile.backend" not in sys.modules:
+    if "svdq_compile.quantized_weights" not in sys.modules:
         return []
-    from svdq_compile import backend
+    from svdq_compile import quantized_weights
 
-    entries = [q for per_config in backend._QUANTIZED.values() for q in per_config.values()]
-    return [t for q in entries for e in [q, *(g.joint for g in q.groups)] for t in e.operands()]
+    return [t for q in quantized_weights.live_entries() for e in [q, *(g.joint for g in q.groups)] for t in e.operands()]
 
 
 def plot(rows: list[dict], tokens: int, path: str, device: str) -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import numerics
-from .backend import QuantizedWeight, quantized_entries, register_quantized
+from .quantized_weights import QuantizedWeight, quantized_entries, register_quantized
 from .config import SVDQuantConfig
 
 FORMAT_VERSION = 1

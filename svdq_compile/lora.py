@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .quantized_weights import forget_quantized, quantized_entries
+
 # Largest total low-rank rank (SVD branch + every fused adapter) folded into one svdq.w4a4_linear;
 # the CUDA kernel fuses the down projection up to this rank. Adapters past it run as a 16-bit branch.
 MAX_FUSED_RANK = 256
@@ -102,8 +104,6 @@ def _merge_into_quantized(layer: nn.Module, safe_merge: bool = False, adapter_na
     (``A``, ``scale * B``) to the quantized low-rank factors; merge the 16-bit weight if it is kept."""
     from peft.tuners.tuners_utils import check_adapters_to_merge
 
-    from .backend import quantized_entries  # lazy: the backend imports the passes, which import this module
-
     peft_merge = type(layer).merge
     weight = layer.get_base_layer().weight
     entries = list(quantized_entries(weight).values())
@@ -145,10 +145,8 @@ def _unmerge_from_quantized(layer: nn.Module) -> None:
         merged_before_quantizing = layer.merged and not saved
         type(layer).unmerge(layer)
         if merged_before_quantizing:
-            from . import backend  # lazy, as in _merge_into_quantized
-
             # the quantized operands hold the fused LoRA: forget them, so the next call quantizes the unmerged weight
-            backend.forget_quantized(layer.get_base_layer().weight)
+            forget_quantized(layer.get_base_layer().weight)
     while saved:
         entry, down, up = saved.pop()
         entry.lora_down, entry.lora_up = down, up

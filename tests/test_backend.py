@@ -26,6 +26,7 @@ from torch import nn
 import svdq_compile
 from svdq_compile import QuantizedLinear, SVDQuantConfig
 from svdq_compile import backend as svdq_backend
+from svdq_compile import quantized_weights
 from svdq_compile.passes.base import W4A4_OP
 
 OPTIONS = {"cache_dir": ""}
@@ -537,15 +538,15 @@ def test_calibration_enables_smoothing_that_lowers_the_error():
 def test_disk_cache_serves_the_same_weight_in_a_new_parameter(tmp_path):
     config = SVDQuantConfig(cache_dir=str(tmp_path))
     weight = nn.Parameter(torch.randn(64, 128, generator=gen(5)))
-    first = svdq_backend.quantize_weight(weight, "w", config)
+    first = quantized_weights.quantize_weight(weight, "w", config)
     assert not first.from_cache and len(list(tmp_path.glob("*.safetensors"))) == 1
-    again = svdq_backend.quantize_weight(nn.Parameter(weight.detach().clone()), "w", config)
+    again = quantized_weights.quantize_weight(nn.Parameter(weight.detach().clone()), "w", config)
     assert again.from_cache
     for a, b in zip(first.operands(), again.operands()):
         assert torch.equal(a, b)
     changed = weight.detach().clone()
     changed[0, 0] += 1.0
-    assert not svdq_backend.quantize_weight(nn.Parameter(changed), "w", config).from_cache
+    assert not quantized_weights.quantize_weight(nn.Parameter(changed), "w", config).from_cache
 
 
 def run_python(script: str, **env: str) -> str:

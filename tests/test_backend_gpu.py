@@ -138,7 +138,7 @@ def test_int4_pow2_blocks_run_fp8_kernels_like_their_eager_layers():
     arithmetic (0.38%, both measured on an H200). test_backend.py tells the formats apart by output,
     in fp32 on the CPU."""
     from svdq_compile import QuantizedLinear, SVDQuantConfig
-    from svdq_compile.backend import quantized_entries
+    from svdq_compile.quantized_weights import quantized_entries
     from test_backend import swap_to_quantized
 
     torch._dynamo.reset()

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from svdq_compile import load_quantized, save_quantized
-from svdq_compile.backend import quantized_entries
+from svdq_compile.quantized_weights import quantized_entries
 
 MODEL = textwrap.dedent(
     """

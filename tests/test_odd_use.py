@@ -6,6 +6,7 @@ from torch import nn
 
 from svdq_compile import QuantizedLinear, SVDQuantConfig
 from svdq_compile import backend as svdq_backend
+from svdq_compile import quantized_weights
 
 
 def _mlp(seed: int, k: int = 128) -> nn.Module:
@@ -57,7 +58,7 @@ def test_one_model_compiled_with_two_configs_gets_both():
         out_low, out_high = c_low(x), c_high(x)
     torch.testing.assert_close(out_low, _reference(model, low, x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_high, _reference(model, high, x), rtol=1e-5, atol=1e-5)
-    assert len(svdq_backend.quantized_entries(model[0].weight)) == 2
+    assert len(quantized_weights.quantized_entries(model[0].weight)) == 2
 
 
 def test_grad_enabled_keeps_16bit_layers_with_correct_gradients():
@@ -101,7 +102,7 @@ def test_packed_weights_give_identical_outputs_from_half_the_bytes(fmt, operand_
         compiled = torch.compile(model, backend="svdquant", options={"rank": 8, "cache_dir": "", "format": fmt, "packed_weights": packed})
         with torch.no_grad():
             outs.append(compiled(x))
-        (entry,) = svdq_backend.quantized_entries(model[0].weight).values()
+        (entry,) = quantized_weights.quantized_entries(model[0].weight).values()
         entries.append(entry)
     assert torch.equal(outs[0], outs[1])
     assert entries[0].weight_q.dtype == operand_dtype and entries[1].weight_q.dtype == torch.uint8

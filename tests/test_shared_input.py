@@ -20,6 +20,7 @@ from test_passes import SharedInput, SingleBlock
 import svdq_compile
 from svdq_compile import QuantizedLinear, SVDQuantConfig, load_quantized, save_quantized
 from svdq_compile import backend as svdq_backend
+from svdq_compile import quantized_weights
 from svdq_compile.passes.base import W4A4_OP
 
 CONFIG = SVDQuantConfig(**OPTIONS)
@@ -67,7 +68,7 @@ def test_member_entries_are_row_views_that_run_alone_as_the_fused_op_does():
     model, x = qkv_model(), outlier_input(3, 128)
     biases = {name: getattr(model, name).bias for name in ("q", "k", "v", "o")}
     out, _, _ = compile_and_count(model, {"x": x})
-    entries = {name: next(iter(svdq_backend.quantized_entries(getattr(model, name).weight).values())) for name in ("q", "k", "v", "o")}
+    entries = {name: next(iter(quantized_weights.quantized_entries(getattr(model, name).weight).values())) for name in ("q", "k", "v", "o")}
     q, k, v = (entries[n] for n in "qkv")
     # one copy of the joint operands: the members' rows of it, the smoothing and down factor shared
     assert q.weight_q.untyped_storage().data_ptr() == k.weight_q.untyped_storage().data_ptr() == v.weight_q.untyped_storage().data_ptr()
@@ -121,16 +122,16 @@ def test_save_load_round_trip_rebuilds_the_joint_op(tmp_path):
     assert ops == 2 and {origin for *_, origin in summary.layers} == {"reused"}
     assert torch.equal(again, out)
     # the members' separate tensors from the file became views of one joint copy
-    q, v = (next(iter(svdq_backend.quantized_entries(w).values())) for w in (loaded.q.weight, loaded.v.weight))
+    q, v = (next(iter(quantized_weights.quantized_entries(w).values())) for w in (loaded.q.weight, loaded.v.weight))
     assert q.lora_up.untyped_storage().data_ptr() == v.lora_up.untyped_storage().data_ptr()
 
 
 def test_disk_cache_keys_the_concatenated_weight(tmp_path):
     config = SVDQuantConfig(cache_dir=str(tmp_path))
     weights = [nn.Parameter(torch.randn(64, 128, generator=gen(i))) for i in range(3)]
-    first = svdq_backend.quantize_group(weights, ["q", "k", "v"], config)
+    first = quantized_weights.quantize_group(weights, ["q", "k", "v"], config)
     assert not first.joint.from_cache and len(list(tmp_path.glob("*.safetensors"))) == 1
-    again = svdq_backend.quantize_group([nn.Parameter(w.detach().clone()) for w in weights], ["q", "k", "v"], config)
+    again = quantized_weights.quantize_group([nn.Parameter(w.detach().clone()) for w in weights], ["q", "k", "v"], config)
     assert again.joint.from_cache and all(m.from_cache for m in again.members)
     for a, b in zip(first.joint.operands(), again.joint.operands()):
         assert torch.equal(a, b)
