@@ -58,7 +58,7 @@ def _w4a4_gemv_kernel(
 ):
     """Two-level scales, M <= BLOCK_M <= 4 tokens (FLUX's adaLN projections: M = 1): one program
     per BLOCK_N weight rows serves every token, so each weight byte is read once; products on the
-    CUDA cores (int32, or fp32 for fp8 operands), each token's dot reduced per K tile. A tensor-core
+    CUDA cores (int32, or fp32 for fp8 operands), on 8-bit weights each token's dot reduced per K tile. A tensor-core
     tile has at least 16 rows, 15 of them padding at M = 1.
 
     PACKED ("int4_2level" rows, as in ``_w4a4_gemm_kernel``; K / GROUP a multiple of 4, so that rows
