@@ -26,6 +26,7 @@ from .quantized_linear import CalibrationStats, QuantizedLinear
 
 log = logging.getLogger("svdq_compile")
 
+# The op operands of a quantized weight, in the order the op and the compiled graphs take them.
 OPERAND_FIELDS = ("weight_q", "weight_scales", "smooth_inv", "lora_down", "lora_up")
 
 
