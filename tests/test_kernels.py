@@ -348,7 +348,7 @@ def test_gemv_refuses_packed_rows_that_are_not_whole_words():
     args = gemm_inputs(1, 24, 64 * 5, 16, torch.bfloat16, True, torch.Generator().manual_seed(5))
     packed = numerics.pack_weight_operand(args[2], 64, True)
     assert not gv.gemv_fits(args[0], packed, 64) and gv.gemv_fits(args[0], args[2], 0)
-    assert not any(cfg.gemv for cfg in gk._candidate_configs(1, True, 0, packed_group=64, gemv_fits=False))
+    assert not any(cfg.gemv for cfg in gk._candidate_configs(1, True, 0, packed_group=64, gemv_allowed=False))
     with pytest.raises(ValueError, match="4-byte words"):
         gk.w4a4_gemm(args[0], args[1], packed, *args[3:], torch.bfloat16, config=GEMV_CONFIGS[0])
     act_q = torch.zeros(1, 1 + 64 * 4, dtype=torch.int8)[:, 1:]  # a view one byte into its storage

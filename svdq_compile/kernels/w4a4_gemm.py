@@ -231,20 +231,20 @@ class GemmConfig:
     gemv: bool = False
 
 
-def _candidate_configs(m: int, two_level: bool, group_size: int, packed_group: int = 0, wgmma: bool = False, gemv_fits: bool = True) -> list[GemmConfig]:
+def _candidate_configs(m: int, two_level: bool, group_size: int, packed_group: int = 0, wgmma: bool = False, gemv_allowed: bool = True) -> list[GemmConfig]:
     """The tile configs ``_tune`` times; the first is the default where nothing is timed.
     ``packed_group``: the weight is packed (the plain and GEMV kernels only); ``wgmma``: the Gluon
-    kernel can run (Hopper, 16-bit low-rank operands); ``gemv_fits``: the GEMV kernel can read
-    the operands (``gemv_fits``)."""
+    kernel can run (Hopper, 16-bit low-rank operands); ``gemv_allowed``: the GEMV kernel can read
+    the operands (``w4a4_gemv.gemv_fits``)."""
     if packed_group:
-        return [cfg for cfg in _candidate_configs(m, True, 0, gemv_fits=gemv_fits) if not cfg.persistent]
+        return [cfg for cfg in _candidate_configs(m, True, 0, gemv_allowed=gemv_allowed) if not cfg.persistent]
     if two_level and m <= 4:
         # At M = 1 on an H200 the GEMV kernel took 0.75-1.0x the time of the best tile on 8-bit
         # weights and 0.65-0.94x on packed ones; at M = 2 and 4 it mostly lost (KERNEL_NOTES.md,
         # v17). Read in dp4a words, packed weights run fastest with 2048-wide K tiles at N = 3072
         # (v23). The tuner measures.
         gemv = [GemmConfig(4, bn, bk, 1, 4, 3, gemv=True) for bn, bk in ((16, 256), (16, 512), (8, 512), (8, 1024), (4, 1024), (16, 2048), (8, 2048))]
-        return _candidate_configs(16, True, 0) + (gemv if gemv_fits else [])
+        return _candidate_configs(16, True, 0) + (gemv if gemv_allowed else [])
     if not two_level:
         g = group_size
         if m <= 64:
@@ -473,7 +473,7 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
     itself (``int8_wgmma_256``)."""
     global _wgmma_build_error, _n256_error
     candidates = _candidate_configs(m, group == 0, group, packed_group, wgmma=_wgmma_runs(args[0].device, lora_dtype),
-                                    gemv_fits=gemv_fits(args[0], args[2], packed_group))
+                                    gemv_allowed=gemv_fits(args[0], args[2], packed_group))
     # The first candidate's output, kept only where an n256 candidate will be checked against it.
     check_n256 = _n256_error is None and any(cfg.n256 for cfg in candidates)
     launch = lambda cfg, weight=args[2]: _launch((*args[:2], weight, *args[3:]), m, n, k, rank, group, packed_group, has_bias, gelu, lora_dtype, cfg)
