@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import fx
 
-from svdq_compile.cuda_graphs import GraphReplay, _InputBuffer, write_outputs_into_buffers
+from svdq_compile.cuda_graphs import GraphReplay, _InputBuffer, _plan, write_outputs_into_buffers
 
 
 def test_an_input_buffer_copies_unless_it_holds_the_same_tensor_unchanged_within_a_chain():
@@ -39,13 +39,13 @@ def test_a_first_call_that_writes_into_an_activation_turns_the_captures_off(capl
     weight = torch.nn.Parameter(torch.ones(4), requires_grad=False)
     x = torch.randn(4)
     reads = GraphReplay(lambda x, w: [x * w])
-    reads._first_call([x, weight], 0)
+    reads._first_call([x, weight], _plan([x, weight], 0))
     scales_weight = GraphReplay(lambda x, w: [x * w.mul_(2)])
-    scales_weight._first_call([x, weight], 0)
+    scales_weight._first_call([x, weight], _plan([x, weight], 0))
     assert reads.disabled is None and scales_weight.disabled is None
     writes = GraphReplay(lambda x, w: [x.mul_(2) * w])
     with caplog.at_level("WARNING", logger="svdq_compile"):
-        writes._first_call([x, weight], 0)
+        writes._first_call([x, weight], _plan([x, weight], 0))
     assert writes.disabled is not None and "writes into its input tensors" in caplog.text
 
 

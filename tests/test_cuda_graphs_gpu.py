@@ -198,3 +198,36 @@ def test_a_graph_that_writes_into_its_inputs_runs_uncaptured(caplog):
             torch.testing.assert_close(text, text2)  # the first block's write reached the caller's tensor
     assert not replay.captures
     assert "writes into its input tensors" in caplog.text
+
+
+def test_a_call_replays_only_a_capture_of_its_own_weights_operand_shapes_and_device():
+    """The capture key: the same weights and operands replay one capture; an operand of another
+    shape (a LoRA of another rank, even at a reused address), a weight on the CPU, or autograd
+    tracking a weight makes the call run otherwise, and every call returns the plain call's result."""
+
+    def low_rank_block(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> list[torch.Tensor]:
+        return [x @ weight.to(x.device) + (x @ down.T) @ up.T]
+
+    g = torch.Generator().manual_seed(3)
+    weight = nn.Parameter(torch.randn(64, 64, generator=g).cuda() / 8, requires_grad=False)
+    x = torch.randn(32, 64, generator=g).cuda()
+    replay = GraphReplay(low_rank_block)
+
+    def check(down: torch.Tensor, up: torch.Tensor, w: torch.Tensor = weight, calls: int = 3) -> None:
+        for _ in range(calls):
+            torch.testing.assert_close(replay([x, w, down, up], 2)[0], low_rank_block(x, w, down, up)[0], rtol=1e-5, atol=1e-5)
+
+    rank8 = (torch.randn(8, 64, generator=g).cuda(), torch.randn(64, 8, generator=g).cuda())
+    with torch.no_grad():
+        check(*rank8)
+        assert sum(map(len, replay.captures.values())) == 1
+        # rank 4 in the first elements of rank 8's memory: the same addresses, other shapes
+        check(rank8[0][:4], rank8[1][:, :4].contiguous())
+        assert sum(map(len, replay.captures.values())) == 2
+        on_cpu = nn.Parameter(weight.cpu(), requires_grad=False)
+        check(*rank8, w=on_cpu)
+    assert sum(map(len, replay.captures.values())) == 2  # the CPU weight's calls ran uncaptured
+    tracked = nn.Parameter(weight.clone())
+    out = replay([x, tracked, *rank8], 2)[0]
+    assert out.grad_fn is not None  # autograd saw the call: it ran uncaptured
+    assert sum(map(len, replay.captures.values())) == 2
