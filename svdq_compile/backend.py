@@ -306,7 +306,8 @@ class _RuntimeCall:
         # Each layer's weight operand as compiled (dtype, shape), and the entries found to match it.
         self.weight_layouts = weight_layouts
         self.checked: weakref.WeakValueDictionary[int, QuantizedWeight] = weakref.WeakValueDictionary()  # by id: entries compare by value
-        self.shared_sets = shared_sets
+        # A set that is one layer's weights is quantized together by that layer's lookup anyway.
+        self.shared_sets = [s for s in shared_sets if s.input_indices not in {layer.input_indices for layer in layers}]
         self.config = config
         self.config_id = config_key(config)
         self.announced = False

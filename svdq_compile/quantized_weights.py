@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import operator
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ class QuantizedGroup:
 
     def current(self) -> bool:
         """True while every member still has the operands ``joint`` was made from."""
-        return all(a is b for member, operands in zip(self.members, self.built_from) for a, b in zip(member.operands(), operands))
+        return all(all(map(operator.is_, member.operands(), operands)) for member, operands in zip(self.members, self.built_from))
 
 
 class _WeakIdRegistry:
