@@ -1,4 +1,4 @@
-"""When ``GraphReplay``'s input buffers copy a tensor in, when a first call turns captures off, and
+"""What ``GraphReplay`` keys a call by, when its input buffers copy a tensor in, when a first call turns captures off, and
 which graphs write their outputs into buffers passed in (on CPU: the buffers are plain tensors).
 The replays themselves are tested on a GPU, in ``test_cuda_graphs_gpu.py``."""
 
@@ -122,3 +122,36 @@ def test_other_outputs_stay_the_graphs_own(fn):
 def test_symbolic_output_shapes_stay_the_graphs_own():
     gm, _ = dynamo_graph(lambda x: (x * 2,), torch.randn(5, 4), dynamic=True)
     assert write_outputs_into_buffers(gm) is None
+
+
+def test_the_capture_key_names_the_weights_operand_shapes_and_activation_layouts(monkeypatch):
+    """``GraphReplay._key`` on CPU tensors posing as CUDA ones: calls with the same weights,
+    operands and activation layouts share a key; another weight, an operand of another shape at the
+    same address (a LoRA of another rank), another activation layout or another scalar make
+    another one; autograd tracking a weight, or an argument a capture could freeze, gives none."""
+    from svdq_compile import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "_IS_CUDA", lambda t: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    replay = GraphReplay(lambda *args: None)
+    weight = torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)
+    other_weight = torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)
+    down = torch.randn(4, 8)
+    x = torch.randn(3, 8)
+
+    def key(*args):
+        return replay._key(list(args), static_extra=1)
+
+    with torch.no_grad():
+        base = key(x, weight, 0.5, down)
+        assert base.full == key(torch.randn(3, 8), weight, 0.5, down).full  # new activation values, same layout
+        assert len(replay.plans) == 1
+        for changed in (key(x, other_weight, 0.5, down), key(x, weight, 0.5, down[:2]), key(torch.randn(5, 8), weight, 0.5, down),
+                        key(x.t().contiguous().t(), weight, 0.5, down), key(x, weight, 0.25, down)):
+            assert changed.full != base.full
+        assert key(x, weight, 1, down).plan is not base.plan  # an int where a float was: another plan
+        assert key(x, weight, [0.5], down) is None
+    tracked = torch.nn.Parameter(torch.randn(8, 8))
+    assert key(x, tracked, 0.5, down) is None
+    with torch.no_grad():
+        assert key(x, tracked, 0.5, down) is not None  # autograd off: nothing tracks it
