@@ -1,6 +1,7 @@
-"""What ``GraphReplay`` keys a call by, when its input buffers copy a tensor in, when a first call turns captures off, and
-which graphs write their outputs into buffers passed in (on CPU: the buffers are plain tensors).
-The replays themselves are tested on a GPU, in ``test_cuda_graphs_gpu.py``."""
+"""What ``GraphReplay`` keys a call by, when its input buffers copy a tensor in, when a first call
+turns captures off, and which graphs write their outputs into buffers passed in (on CPU: the
+buffers are plain tensors). The replays themselves are tested on a GPU, in
+``test_cuda_graphs_gpu.py``."""
 
 from __future__ import annotations
 
