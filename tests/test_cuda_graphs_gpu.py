@@ -221,7 +221,7 @@ def test_a_call_replays_only_a_capture_of_its_own_weights_operand_shapes_and_dev
     with torch.no_grad():
         check(*rank8)
         assert sum(map(len, replay.captures.values())) == 1
-        # rank 4 in the first elements of rank 8's memory: the same addresses, other shapes
+        # rank 4, its down projection the first rows of rank 8's: the same address, another shape
         check(rank8[0][:4], rank8[1][:, :4].contiguous())
         assert sum(map(len, replay.captures.values())) == 2
         on_cpu = nn.Parameter(weight.cpu(), requires_grad=False)
