@@ -42,7 +42,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 CONFIGS = ["bf16 eager", "bf16 inductor", "fp8 rowwise", "int4 weight-only", "svdquant", "svdquant warm", "svdquant + LoRA",
@@ -506,6 +505,8 @@ def main() -> None:
         print("RESULT " + json.dumps(run_config(args.one, args)))
         return
     os.makedirs(args.out, exist_ok=True)
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "blocks": args.blocks, "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:])}
     rows = []
     for name in args.configs:
         cmd = [sys.executable, __file__, "--one", name, "--blocks", *map(str, args.blocks), "--tokens", *map(str, args.tokens),
@@ -526,10 +527,9 @@ def main() -> None:
         row["process_s"] = time.perf_counter() - start
         rows.append(row)
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "blocks": args.blocks, "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:])}
-    with open(os.path.join(args.out, "e2e_results.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+        # after every configuration, so that a run cut off by a time limit keeps the rows it finished
+        with open(os.path.join(args.out, "e2e_results.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
     report(rows, [meta], args.tokens, args.out)
 
 
