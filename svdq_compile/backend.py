@@ -60,8 +60,10 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import cache
 from .config import SVDQuantConfig
 from .cuda_graphs import GraphReplay, write_outputs_into_buffers
+from .kernels.w4a4_gemm import use_tuning_cache
 from .passes.base import QuantizedNodes, linear_parts, shared_input_groups
 from .passes.pass_manager import SVDQPassManager
 from .quantized_weights import (OPERAND_FIELDS, QuantizedGroup, QuantizedWeight, config_key, group_entry, has_entry, quantize_group,
@@ -180,6 +182,8 @@ class _Provider:
         self.new: set[int] = set()  # ids of the weights this compile quantized (the others were reused)
         # weight node -> the weight nodes of every quantized linear reading the same input, its own included
         self.sharing: dict[fx.Node, list[fx.Node]] = {}
+        # The GEMM tuner keeps its picks beside the quantized weights: a second process skips both.
+        use_tuning_cache(cache.cache_dir(config))
 
     def find_shared_inputs(self, graph: fx.Graph) -> None:
         """Record which weights are quantized together; call on the graph before any pass runs."""

@@ -52,8 +52,8 @@ class SVDQuantConfig:
         refine_iters: extra rounds of ``L <- SVD_r(W - Q(W - L))``; the best round by error is kept.
         skip: fnmatch globs of module names left in 16-bit.
         calib_tokens: activation rows kept per layer during calibration for the smoothing search.
-        cache_dir: folder of the disk cache of quantized weights (``None``: ``$SVDQ_CACHE_DIR`` or
-            ``~/.cache/svdq_compile``; ``""`` disables the cache).
+        cache_dir: folder of the disk cache of quantized weights and of the GEMM tuner's picks
+            (``None``: ``$SVDQ_CACHE_DIR`` or ``~/.cache/svdq_compile``; ``""`` disables the cache).
         checkpoint: path of a file written by ``save_quantized``; layers are loaded from it instead of
             being quantized.
         fuse_lora: backend pass flag: fold peft / diffusers LoRA adapters into the low-rank branch

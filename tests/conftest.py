@@ -27,3 +27,13 @@ def _fresh_compile_summaries():
     from svdq_compile import backend
 
     backend.recent_summaries.clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_tuning_file(monkeypatch):
+    """Each test starts with the GEMM tuner's picks kept in the process only: tests tune under made-up
+    keys and timings, and a tuning folder left set by an earlier test's compile
+    (``use_tuning_cache``) would hand them another test's pick."""
+    from svdq_compile.kernels import w4a4_gemm
+
+    monkeypatch.setattr(w4a4_gemm, "_tuning_folder", None)

@@ -549,6 +549,18 @@ def test_disk_cache_serves_the_same_weight_in_a_new_parameter(tmp_path):
     assert not quantized_weights.quantize_weight(nn.Parameter(changed), "w", config).from_cache
 
 
+@pytest.mark.parametrize("cache_dir", ["folder", ""], ids=["cache", "no cache"])
+def test_the_gemm_tuner_keeps_its_picks_in_the_backends_cache_folder(cache_dir, tmp_path):
+    """The folder of the quantized weights is where the tuner's picks persist too; none without it."""
+    from svdq_compile.kernels import w4a4_gemm
+
+    folder = str(tmp_path / cache_dir) if cache_dir else ""
+    model = nn.Sequential(nn.Linear(128, 64))
+    with torch.no_grad():
+        torch.compile(model, backend="svdquant", options={"cache_dir": folder})(torch.randn(3, 128))
+    assert w4a4_gemm._tuning_folder == (tmp_path / cache_dir if cache_dir else None)
+
+
 def run_python(script: str, **env: str) -> str:
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1", **env), timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]

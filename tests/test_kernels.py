@@ -9,6 +9,7 @@ that, not picked by hand.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import pytest
@@ -472,6 +473,70 @@ def test_the_tuner_copies_no_weight_without_a_second_pass(monkeypatch):
     out = torch.empty(300, 40, dtype=torch.bfloat16)
     assert gk._tune((*args, out), ("test",), 300, 40, 128, 16, 0, 0, True, (0, 0), torch.bfloat16) == candidates[2]
     assert len(launched) == len(candidates)
+
+
+def test_the_tuners_pick_is_stored_and_taken_by_the_next_process(tmp_path, monkeypatch):
+    """With a tuning folder the pick goes to a file named for the device and the kernels' build. A
+    later tuning of the same key (a new process: the in-memory picks gone) launches that pick alone,
+    to check that it builds. Another build's file, a pick that is no longer a candidate and a file
+    that is not JSON are tuned in full. (No GPU here: the interpreter runs the launches and the
+    timer makes up their times.)"""
+    candidates = gk._candidate_configs(300, True, 0)
+    launched = []
+    original_launch = gk._launch
+    monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
+    monkeypatch.setattr(gk, "_gpu_ms", lambda fn: (fn(), 1.0 if launched[-1] == candidates[2] else 2.0)[1])
+    args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(10))
+    out = torch.empty(300, 40, dtype=torch.bfloat16)
+    key = ("test", 300)
+
+    def tune() -> gk.GemmConfig:
+        launched.clear()
+        return gk._tune((*args, out), key, 300, 40, 128, 16, 0, 0, True, (0, 0), torch.bfloat16)
+
+    gk.use_tuning_cache(tmp_path)
+    assert tune() == candidates[2] and len(launched) == len(candidates)
+    [stored] = tmp_path.iterdir()
+    assert stored.name.startswith("gemm_tuning-cpu-") and stored.suffix == ".json"
+    assert tune() == candidates[2] and launched == [candidates[2]]
+    with monkeypatch.context() as other_build:
+        other_build.setattr(gk, "_build_tag", lambda device: "cpu-another-build")
+        assert tune() == candidates[2] and len(launched) == len(candidates)
+    picks = json.loads(stored.read_text())
+    stored.write_text(json.dumps({name: pick | {"num_stages": 99} for name, pick in picks.items()}))  # not a candidate now
+    assert tune() == candidates[2] and len(launched) == len(candidates)
+    stored.write_text("{ half written")
+    assert tune() == candidates[2] and len(launched) == len(candidates)
+    assert tune() == candidates[2] and launched == [candidates[2]]  # the file was written again
+    gk.use_tuning_cache(None)
+    assert tune() == candidates[2] and len(launched) == len(candidates)
+
+
+def test_a_stored_256_wide_pick_that_strays_is_tuned_again(tmp_path, monkeypatch):
+    """A stored n256 pick is checked against the first candidate as in a full tuning: when its output
+    strays in this process, it is dropped with the warning and the others are timed."""
+    def gluon(args, m, n, k, rank, has_bias, gelu, acc_dtype, block_r, cfg):
+        args[-1].copy_(expected * (1.5 if cfg.n256 else 1.0))
+
+    launched = []
+    original_launch = gk._launch
+    monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
+    monkeypatch.setattr(gk, "launch_wgmma", gluon)
+    monkeypatch.setattr(gk, "_gpu_ms", lambda fn: (fn(), 1.0 if launched[-1].persistent else 2.0)[1])
+    monkeypatch.setattr(gk, "_wgmma_runs", lambda device, lora_dtype: True)  # "a Hopper GPU"
+    monkeypatch.setattr(gk, "_n256_error", None)
+    args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(11))
+    expected = gk.w4a4_gemm(*args, torch.bfloat16, config=gk.GemmConfig(64, 32, 64, 1, 4, 2))
+    out = torch.empty(300, 40, dtype=torch.bfloat16)
+    candidates = gk._candidate_configs(300, True, 0, wgmma=True)
+    n256 = next(cfg for cfg in candidates if cfg.n256)
+    gk.use_tuning_cache(tmp_path)
+    gk._store_pick(torch.device("cpu"), ("test", 301), n256)
+    launched.clear()
+    with pytest.warns(UserWarning, match="256-wide wgmma kernel gave other results"):
+        chosen = gk._tune((*args, out), ("test", 301), 300, 40, 128, 16, 0, 0, True, (0, 0), torch.float32)
+    assert launched[:2] == [candidates[0], n256]
+    assert chosen.persistent and not chosen.n256 and len(launched) > 2
 
 
 @pytest.mark.parametrize("n256_scale", [1.5, 1 + 2**-10], ids=["strays", "agrees"])

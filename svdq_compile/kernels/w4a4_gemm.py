@@ -36,15 +36,21 @@ split-K. Each split stores its int32 partial sums in its own workspace slice; th
 tile to arrive (a per-tile counter) adds up all slices (exact integers, so the result does not
 depend on the order) and runs the epilogue. Plain stores, not atomics: integer atomics on whole
 tiles cost more than the split saved (KERNEL_NOTES.md, v9). The best config per (format, M bucket, N, K, rank
-chunks, dtype) is measured on the first call (GPU time, CUDA-graph replays) and cached.
+chunks, dtype) is measured on the first call (GPU time, CUDA-graph replays) and cached: in the
+process, and on disk where ``use_tuning_cache`` names a folder (the backend passes its cache's).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
+import json
+import os
+import re
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -294,6 +300,8 @@ _workspaces: dict[torch.device, tuple[Tensor, Tensor]] = {}
 # Workspaces replaced by larger ones stay allocated: CUDA graphs captured with them still use them.
 _outgrown: list[Tensor] = []
 _tuned: dict[tuple, GemmConfig] = {}
+# Where the tuner's picks persist between processes (``use_tuning_cache``); None: this process only.
+_tuning_folder: Path | None = None
 
 
 def _split_k_workspace(device: torch.device, elems: int, tiles: int) -> tuple[Tensor, Tensor]:
@@ -464,19 +472,48 @@ def _gpu_ms(launch: Callable[[], None]) -> float:
 def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int, packed_group: int, has_bias: bool, gelu: tuple[int, int],
           lora_dtype: torch.dtype) -> GemmConfig:
     """Time every candidate on the real arguments (median of a short run), time the close ones
-    again (``_fastest_sustained``); cache the fastest.
+    again (``_fastest_sustained``); cache the fastest, in the process and in the tuning file
+    (``use_tuning_cache``), whose pick for ``key``, where there is one, is taken instead.
 
     A Gluon candidate that fails to build (Gluon's API moves between Triton releases) is dropped
     for the rest of the process with one warning: the Triton kernels compute the same. So is an
     n256 candidate that fails to build or whose output strays from the first candidate's (a plain
     Triton kernel) on these arguments: for int8 it runs an instruction Triton does not emit
     itself (``int8_wgmma_256``)."""
-    global _wgmma_build_error, _n256_error
     candidates = _candidate_configs(m, group == 0, group, packed_group, wgmma=_wgmma_runs(args[0].device, lora_dtype),
                                     gemv_allowed=gemv_fits(args[0], args[2], packed_group))
+    launch = lambda cfg, weight=args[2]: _launch((*args[:2], weight, *args[3:]), m, n, k, rank, group, packed_group, has_bias, gelu, lora_dtype, cfg)
+    stored = _stored_pick(args[0].device, key)
+    if stored in candidates:
+        # Picked by an earlier process on this GPU model with these kernels: it only has to build
+        # here, and an n256 pick to agree with the first candidate again, as in a full tuning.
+        if stored in _time_candidates([candidates[0], stored] if stored.n256 else [stored], launch, args[-1]):
+            _tuned[key] = stored
+            return stored
+    first_ms = _time_candidates(candidates, launch, args[-1])
+    # The forward reads each weight once, from memory; launches repeated on one weight read it from
+    # L2, which ranked two configs 7% apart the wrong way at 4096x12288x3072 (KERNEL_NOTES.md, v20).
+    # So the second pass cycles through copies of the weight that together outgrow L2, made before
+    # its first timing (most shapes have one close config and no second pass), on this stream.
+    weight_cycle = functools.cache(lambda: itertools.cycle(_weight_copies(args[2], _l2_bytes(args[2].device))))
+
+    def time_cold(cfg: GemmConfig) -> float:
+        weights = weight_cycle()
+        return _gpu_ms(lambda: launch(cfg, next(weights)))
+
+    best = _fastest_sustained(first_ms, time_cold) if first_ms else None
+    _tuned[key] = best
+    if best is not None:
+        _store_pick(args[0].device, key, best)
+    return best
+
+
+def _time_candidates(candidates: list[GemmConfig], launch: Callable[[GemmConfig], None], out: Tensor) -> dict[GemmConfig, float]:
+    """The GPU ms of each candidate that builds and runs (``launch(cfg)`` writes ``out``), in order;
+    the Gluon and n256 failures described in ``_tune`` leave theirs out."""
+    global _wgmma_build_error, _n256_error
     # The first candidate's output, kept only where an n256 candidate will be checked against it.
     check_n256 = _n256_error is None and any(cfg.n256 for cfg in candidates)
-    launch = lambda cfg, weight=args[2]: _launch((*args[:2], weight, *args[3:]), m, n, k, rank, group, packed_group, has_bias, gelu, lora_dtype, cfg)
     first_ms, reference = {}, None
     for cfg in candidates:
         if cfg.wgmma and _wgmma_build_error is not None or cfg.n256 and _n256_error is not None:
@@ -491,35 +528,82 @@ def _tune(args: tuple, key: tuple, m: int, n: int, k: int, rank: int, group: int
             if cfg.n256:
                 _n256_error = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"w4a4_gemm: the 256-wide wgmma kernel did not build with Triton {triton.__version__}; "
-                              f"the 128-wide ones run instead: {_n256_error}", stacklevel=2)
+                              f"the 128-wide ones run instead: {_n256_error}", stacklevel=3)
                 continue
             _wgmma_build_error = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"w4a4_gemm: the Gluon (wgmma) kernel did not build with Triton {triton.__version__}, so the "
-                          f"Triton kernels run instead (same results, up to 11% slower on Hopper): {_wgmma_build_error}", stacklevel=2)
+                          f"Triton kernels run instead (same results, up to 11% slower on Hopper): {_wgmma_build_error}", stacklevel=3)
             continue
         if check_n256 and reference is None:
-            reference = args[-1].clone()
+            reference = out.clone()
         elif cfg.n256:
             # Kernels differ only in the order of the low-rank and epilogue roundings: far less.
-            difference = _relative_difference(args[-1], reference)
+            difference = _relative_difference(out, reference)
             if not difference <= 1e-2:
                 _n256_error = f"{cfg} differed from the first candidate by {difference:.3g} (relative)"
-                warnings.warn(f"w4a4_gemm: the 256-wide wgmma kernel gave other results than the Triton kernels and is not used: {_n256_error}", stacklevel=2)
+                warnings.warn(f"w4a4_gemm: the 256-wide wgmma kernel gave other results than the Triton kernels and is not used: {_n256_error}", stacklevel=3)
                 continue
         first_ms[cfg] = ms
-    # The forward reads each weight once, from memory; launches repeated on one weight read it from
-    # L2, which ranked two configs 7% apart the wrong way at 4096x12288x3072 (KERNEL_NOTES.md, v20).
-    # So the second pass cycles through copies of the weight that together outgrow L2, made before
-    # its first timing (most shapes have one close config and no second pass), on this stream.
-    weight_cycle = functools.cache(lambda: itertools.cycle(_weight_copies(args[2], _l2_bytes(args[2].device))))
+    return first_ms
 
-    def time_cold(cfg: GemmConfig) -> float:
-        weights = weight_cycle()
-        return _gpu_ms(lambda: launch(cfg, next(weights)))
 
-    best = _fastest_sustained(first_ms, time_cold) if first_ms else None
-    _tuned[key] = best
-    return best
+def use_tuning_cache(folder: str | os.PathLike | None) -> None:
+    """Keep the tuner's picks in ``folder`` too (None: in this process only). A pick made by an
+    earlier process on the same GPU model, with the same torch, Triton and kernel sources, is then
+    reused after one check that it builds, instead of timing every candidate again (15-17 per
+    shape, each compiled or loaded and timed as a CUDA graph; FLUX at one resolution has 12 shapes).
+
+    Example:
+        >>> use_tuning_cache(None)
+    """
+    global _tuning_folder
+    _tuning_folder = Path(folder) if folder is not None else None
+
+
+@functools.cache
+def _build_tag(device: torch.device) -> str:
+    """The tuning file's name part for ``device``: the GPU model and a hash of what a pick depends on."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    digest = hashlib.sha256(f"{name}|{torch.__version__}|{triton.__version__}".encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}-{digest.hexdigest()[:16]}"
+
+
+def _tuning_file(device: torch.device) -> Path | None:
+    return _tuning_folder / f"gemm_tuning-{_build_tag(device)}.json" if _tuning_folder is not None else None
+
+
+def _read_picks(path: Path) -> dict[str, dict]:
+    try:
+        picks = json.loads(path.read_text())
+    except (OSError, ValueError):  # no file yet, or not ours: nothing stored
+        return {}
+    return picks if isinstance(picks, dict) else {}
+
+
+def _stored_pick(device: torch.device, key: tuple) -> GemmConfig | None:
+    path = _tuning_file(device)
+    fields = _read_picks(path).get(repr(key)) if path is not None else None
+    try:
+        return GemmConfig(**fields) if isinstance(fields, dict) else None
+    except TypeError:
+        return None
+
+
+def _store_pick(device: torch.device, key: tuple, config: GemmConfig) -> None:
+    """Add ``config`` to the tuning file, merged with what other processes wrote (atomic replace)."""
+    path = _tuning_file(device)
+    if path is None:
+        return
+    picks = _read_picks(path) | {repr(key): dataclasses.asdict(config)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(picks, indent=1, sort_keys=True))
+        os.replace(temporary, path)
+    except OSError as exc:
+        warnings.warn(f"w4a4_gemm: could not write the tuner's picks to {path} ({exc}); the next process tunes again", stacklevel=3)
 
 
 def _l2_bytes(device: torch.device) -> int:
