@@ -489,16 +489,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also report each kind of kernel's share of GPU time, and the GPU's idle time before each kernel")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--cache-dir", default=None, help="svdquant disk cache (default: a fresh folder under --out)")
-    parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table and plot of earlier runs' e2e_results.json files together (a configuration in several: the last file's)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table and plot of earlier runs' e2e_results.json files together (a configuration in several: the last file's that measured it)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration in this process, print JSON
     args = parser.parse_args()
     if args.merge:
         runs = [json.load(open(path)) for path in args.merge]
-        # A configuration measured in several runs: the row of the last run given.
-        latest = {row["config"]: row for run in runs for row in run["rows"]}
-        rows = [{k if not k.isdigit() else int(k): v for k, v in row.items()} for row in latest.values()]
-        rows.sort(key=lambda r: CONFIGS.index(r["config"]) if r["config"] in CONFIGS else len(CONFIGS))
-        report(rows, [run["meta"] for run in runs], args.tokens, args.out)
+        report(merged_rows(runs), [run["meta"] for run in runs], args.tokens, args.out)
         return
     args.cache_dir = args.cache_dir or os.path.join(args.out, "svdq_cache")
     if args.one:
@@ -531,6 +527,22 @@ def main() -> None:
         with open(os.path.join(args.out, "e2e_results.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
     report(rows, [meta], args.tokens, args.out)
+
+
+def merged_rows(runs: list[dict]) -> list[dict]:
+    """The rows of several runs' results files, one per configuration in ``CONFIGS``' order: of a
+    configuration measured in several runs, the last run's that measured it (a failed row only
+    where no run measured it).
+
+    Example:
+        >>> runs = [{"rows": [{"config": "svdquant", "4096": {"ms": 98.0}}]}, {"rows": [{"config": "svdquant", "error": "timed out"}]}]
+        >>> merged_rows(runs)
+        [{'config': 'svdquant', 4096: {'ms': 98.0}}]
+    """
+    rows = [row for run in runs for row in run["rows"]]
+    latest = {row["config"]: row for row in sorted(rows, key=lambda row: "error" not in row)}  # stable: runs' order kept
+    merged = [{k if not k.isdigit() else int(k): v for k, v in row.items()} for row in latest.values()]
+    return sorted(merged, key=lambda r: CONFIGS.index(r["config"]) if r["config"] in CONFIGS else len(CONFIGS))
 
 
 def report(rows: list[dict], metas: list[dict], tokens_list: list[int], out: str) -> None:

@@ -37,3 +37,15 @@ def test_table_compares_each_timing_with_bf16_inductors_and_leaves_unmeasured_on
     lines = bench_e2e.table([row("bf16 inductor", 134.0, 130.0), row("svdquant", 100.0, 97.5), row("fp8 rowwise", 101.0)], 4096).splitlines()
     cells = [line.split(" | ") for line in lines[3:]]
     assert [c[2:4] for c in cells] == [["1.00x", "130.0 (1.00x)"], ["1.34x", "97.5 (1.33x)"], ["1.33x", "-"]]
+
+
+def test_merged_runs_keep_each_configurations_last_measurement():
+    """Across results files, a configuration's row comes from the last run that measured it: a later
+    run in which it failed does not hide it, a later measurement replaces an earlier one, and the
+    rows follow the benchmark's order of configurations."""
+    first = {"rows": [{"config": "svdquant", "4096": {"ms": 98.0}}, {"config": "bf16 inductor", "4096": {"ms": 133.0}},
+                      {"config": "svdquant packed", "error": "out of memory"}]}
+    second = {"rows": [{"config": "svdquant", "error": "timed out"}, {"config": "bf16 inductor", "4096": {"ms": 131.0}}]}
+    rows = bench_e2e.merged_rows([first, second])
+    assert [row["config"] for row in rows] == ["bf16 inductor", "svdquant", "svdquant packed"]
+    assert rows[0][4096]["ms"] == 131.0 and rows[1][4096]["ms"] == 98.0 and rows[2]["error"] == "out of memory"
