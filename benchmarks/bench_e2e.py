@@ -25,9 +25,11 @@ users take for fast cold starts, except the "whole model" ones: ``torch.compile(
 fullgraph=True)``, one graph for the whole forward (for svdquant: one CUDA graph per forward
 instead of one per block). Per configuration: median forward latency (CUDA events, warmed up),
 the time per forward of 28 forwards back to back (a pipeline's steps: each forward's host work at
-its start overlaps the previous one's kernels), peak memory, weight memory, compile time (first call, quantization included), and for the quantized
-ones the median and max per-layer relative output error against bf16 on real inputs of the first
-double and single block (per layer, not end to end: deep random networks amplify any error).
+its start overlaps the previous one's kernels), peak memory, weight memory, compile time (first
+call, quantization included; for svdquant the part spent quantizing or loading the weights is in
+the results file), and for the quantized ones the median and max per-layer relative output error
+against bf16 on real inputs of the first double and single block (per layer, not end to end: deep
+random networks amplify any error).
 Prints a Markdown table and writes results.json and e2e.png under --out.
 """
 
@@ -313,6 +315,13 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         from svdq_compile.kernels.w4a4_gemm import tuned_configs
 
         result["gemm_configs"] = {str(key): str(cfg) for key, cfg in tuned_configs().items()}
+        # How much of the first calls went to quantizing the weights or loading them from the disk
+        # cache; the rest is compiling, GEMM tuning and CUDA-graph captures (run 33's warm starts).
+        from svdq_compile import quantized_weights
+
+        entries = quantized_weights.live_entries()
+        result["quantize_s"] = sum(entry.seconds for entry in entries)
+        result["quantized_from_disk_cache"] = f"{sum(entry.from_cache for entry in entries)} of {len(entries)}"
     return result
 
 
