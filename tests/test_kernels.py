@@ -8,6 +8,7 @@ that, not picked by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -512,6 +513,42 @@ def test_the_tuners_pick_is_stored_and_taken_by_the_next_process(tmp_path, monke
     assert tune() == candidates[2] and len(launched) == len(candidates)
 
 
+def test_picks_made_before_the_tuning_folder_is_set_reach_its_file(tmp_path, monkeypatch):
+    """A pick tuned while no folder was set (a QuantizedLinear called eagerly before the backend's
+    compile, as bench_e2e's layer errors do) is reused from memory, never tuned again, so setting
+    the folder writes it to the file at once; the next process then launches it alone. A file that
+    has every pick already is not written again. (No GPU here: "cuda" is faked where the folder is
+    set, and the interpreter runs the launches under a made-up timer.)"""
+    candidates = gk._candidate_configs(300, True, 0)
+    launched = []
+    original_launch = gk._launch
+    monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
+    monkeypatch.setattr(gk, "_gpu_ms", lambda fn: (fn(), 1.0 if launched[-1] == candidates[2] else 2.0)[1])
+    monkeypatch.setattr(gk, "_build_tag", lambda device: "test-build")  # one file for the faked GPU and the CPU
+    monkeypatch.setattr(gk, "_tuned", {})
+    args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(12))
+    out = torch.empty(300, 40, dtype=torch.bfloat16)
+    key = ("test", 302)
+
+    def tune() -> gk.GemmConfig:
+        launched.clear()
+        return gk._tune((*args, out), key, 300, 40, 128, 16, 0, 0, True, (0, 0), torch.bfloat16)
+
+    assert tune() == candidates[2] and len(launched) == len(candidates)
+    assert list(tmp_path.iterdir()) == []
+    with monkeypatch.context() as gpu:
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(torch.cuda, "current_device", lambda: 0)
+        gk.use_tuning_cache(tmp_path)
+        [stored] = tmp_path.iterdir()
+        assert stored.name == "gemm_tuning-test-build.json"
+        assert json.loads(stored.read_text()) == {repr(key): dataclasses.asdict(candidates[2])}
+        gpu.setattr(gk.os, "replace", lambda *a: pytest.fail("the file was written again with nothing new"))
+        gk.use_tuning_cache(tmp_path)
+    monkeypatch.setattr(gk, "_tuned", {})  # the next process
+    assert tune() == candidates[2] and launched == [candidates[2]]
+
+
 def test_a_stored_256_wide_pick_that_strays_is_tuned_again(tmp_path, monkeypatch):
     """A stored n256 pick is checked against the first candidate as in a full tuning: when its output
     strays in this process, it is dropped with the warning and the others are timed."""
@@ -531,7 +568,7 @@ def test_a_stored_256_wide_pick_that_strays_is_tuned_again(tmp_path, monkeypatch
     candidates = gk._candidate_configs(300, True, 0, wgmma=True)
     n256 = next(cfg for cfg in candidates if cfg.n256)
     gk.use_tuning_cache(tmp_path)
-    gk._store_pick(torch.device("cpu"), ("test", 301), n256)
+    gk._store_picks(torch.device("cpu"), {("test", 301): n256})
     launched.clear()
     with pytest.warns(UserWarning, match="256-wide wgmma kernel gave other results"):
         chosen = gk._tune((*args, out), ("test", 301), 300, 40, 128, 16, 0, 0, True, (0, 0), torch.float32)
