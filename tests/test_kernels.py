@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -476,25 +477,32 @@ def test_the_tuner_copies_no_weight_without_a_second_pass(monkeypatch):
     assert len(launched) == len(candidates)
 
 
+def fake_timed_tuning(monkeypatch, key: tuple, seed: int) -> tuple[list, list, Callable[[], gk.GemmConfig]]:
+    """The candidates of a 300 x 40 x 128 GEMM, the list of configs launched, and a function that
+    empties that list and tunes ``key`` on the interpreter, under a timer that makes the third
+    candidate the fastest."""
+    candidates = gk._candidate_configs(300, True, 0)
+    launched = []
+    original_launch = gk._launch
+    monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
+    monkeypatch.setattr(gk, "_gpu_ms", lambda fn: (fn(), 1.0 if launched[-1] == candidates[2] else 2.0)[1])
+    args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(seed))
+    out = torch.empty(300, 40, dtype=torch.bfloat16)
+
+    def tune() -> gk.GemmConfig:
+        launched.clear()
+        return gk._tune((*args, out), key, 300, 40, 128, 16, 0, 0, True, (0, 0), torch.bfloat16)
+
+    return candidates, launched, tune
+
+
 def test_the_tuners_pick_is_stored_and_taken_by_the_next_process(tmp_path, monkeypatch):
     """With a tuning folder the pick goes to a file named for the device and the kernels' build. A
     later tuning of the same key (a new process: the in-memory picks gone) launches that pick alone,
     to check that it builds. Another build's file, a pick that is no longer a candidate and a file
     that is not JSON are tuned in full. (No GPU here: the interpreter runs the launches and the
     timer makes up their times.)"""
-    candidates = gk._candidate_configs(300, True, 0)
-    launched = []
-    original_launch = gk._launch
-    monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
-    monkeypatch.setattr(gk, "_gpu_ms", lambda fn: (fn(), 1.0 if launched[-1] == candidates[2] else 2.0)[1])
-    args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(10))
-    out = torch.empty(300, 40, dtype=torch.bfloat16)
-    key = ("test", 300)
-
-    def tune() -> gk.GemmConfig:
-        launched.clear()
-        return gk._tune((*args, out), key, 300, 40, 128, 16, 0, 0, True, (0, 0), torch.bfloat16)
-
+    candidates, launched, tune = fake_timed_tuning(monkeypatch, ("test", 300), seed=10)
     gk.use_tuning_cache(tmp_path)
     assert tune() == candidates[2] and len(launched) == len(candidates)
     [stored] = tmp_path.iterdir()
@@ -519,21 +527,10 @@ def test_picks_made_before_the_tuning_folder_is_set_reach_its_file(tmp_path, mon
     the folder writes it to the file at once; the next process then launches it alone. A file that
     has every pick already is not written again. (No GPU here: "cuda" is faked where the folder is
     set, and the interpreter runs the launches under a made-up timer.)"""
-    candidates = gk._candidate_configs(300, True, 0)
-    launched = []
-    original_launch = gk._launch
-    monkeypatch.setattr(gk, "_launch", lambda args, *rest: (launched.append(rest[-1]), original_launch(args, *rest))[1])
-    monkeypatch.setattr(gk, "_gpu_ms", lambda fn: (fn(), 1.0 if launched[-1] == candidates[2] else 2.0)[1])
+    key = ("test", 302)
+    candidates, launched, tune = fake_timed_tuning(monkeypatch, key, seed=12)
     monkeypatch.setattr(gk, "_build_tag", lambda device: "test-build")  # one file for the faked GPU and the CPU
     monkeypatch.setattr(gk, "_tuned", {})
-    args = gemm_inputs(300, 40, 64 * 2, 16, torch.bfloat16, True, torch.Generator().manual_seed(12))
-    out = torch.empty(300, 40, dtype=torch.bfloat16)
-    key = ("test", 302)
-
-    def tune() -> gk.GemmConfig:
-        launched.clear()
-        return gk._tune((*args, out), key, 300, 40, 128, 16, 0, 0, True, (0, 0), torch.bfloat16)
-
     assert tune() == candidates[2] and len(launched) == len(candidates)
     assert list(tmp_path.iterdir()) == []
     with monkeypatch.context() as gpu:
